@@ -1,0 +1,65 @@
+// Every op schema of unlearn_ext, in one place, plus the (tiny) Python module init of `_C`.
+// Kernels live in cpu/*.cpp and cuda/*.cu and register per dispatch key; fake kernels and
+// autograd formulas are registered from Python (unlearn_ext/ops/*.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(unlearn_ext, m) {
+  // ---- squared per-sample gradients (diagonal Fisher), DESIGN.md 4.1 ----
+  // x [B, T, d_in], grad_out [B, T, d_out] (any strides). Returns (F [K, d_out, d_in],
+  // F_bias [K, d_out] or [K, 0] when with_bias is false); float64 for float64 inputs, else float32.
+  // algorithm: "auto" | "segmented" | "hadamard" | "per_sample".
+  m.def(
+      "sq_grad_linear(Tensor x, Tensor grad_out, Tensor? group, int num_groups, Tensor? sample_weight, "
+      "bool with_bias, str algorithm=\"auto\") -> (Tensor, Tensor)");
+  m.def(
+      "sq_grad_linear_(Tensor x, Tensor grad_out, Tensor? group, int num_groups, Tensor? sample_weight, "
+      "Tensor(a!) out, Tensor(b!)? bias_out, str algorithm=\"auto\") -> ()");
+  // x [B, C_in, H, W], grad_out [B, C_out, H_out, W_out]; F [K, C_out, C_in/groups, kh, kw].
+  m.def(
+      "sq_grad_conv2d(Tensor x, Tensor grad_out, int[] weight_shape, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, Tensor? group, int num_groups, Tensor? sample_weight, bool with_bias, "
+      "str algorithm=\"auto\") -> (Tensor, Tensor)");
+  m.def(
+      "sq_grad_conv2d_(Tensor x, Tensor grad_out, int[] weight_shape, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, Tensor? group, int num_groups, Tensor? sample_weight, Tensor(a!) out, "
+      "Tensor(b!)? bias_out, str algorithm=\"auto\") -> ()");
+  // ids [B, T] (int32/int64), grad_out [B, T, d]; F [K, num_embeddings, d]. Gradient rows of an id
+  // repeated inside a sample are summed before squaring; tokens equal to padding_idx are skipped.
+  m.def(
+      "sq_grad_embedding(Tensor ids, Tensor grad_out, int num_embeddings, int? padding_idx, Tensor? group, "
+      "int num_groups, Tensor? sample_weight) -> Tensor");
+  m.def(
+      "sq_grad_embedding_(Tensor ids, Tensor grad_out, int num_embeddings, int? padding_idx, Tensor? group, "
+      "int num_groups, Tensor? sample_weight, Tensor(a!) out) -> ()");
+}
+
+// ---- `unlearn_ext._C`: build information only (ops are reached through torch.ops) ----
+namespace {
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef UNLEARN_EXT_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+#if defined(__AVX512F__)
+  const char* compiled_isa = "avx512";
+#elif defined(__AVX2__)
+  const char* compiled_isa = "avx2";
+#else
+  const char* compiled_isa = "baseline";
+#endif
+  return Py_BuildValue("{s:O,s:s,s:s}", "with_cuda", with_cuda ? Py_True : Py_False, "compiled_isa",
+                       compiled_isa, "compiler", __VERSION__);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "Compile-time facts about this build of unlearn_ext._C."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "unlearn_ext compiled kernels (registered in torch.ops)",
+                          -1, methods};
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

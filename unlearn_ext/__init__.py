@@ -1,0 +1,21 @@
+"""unlearn_ext: fast machine unlearning for PyTorch.
+
+Fused kernels (per-sample diagonal Fisher, ...) registered as torch custom ops, and the
+model-level tools built on them. See README.md for the op table.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from unlearn_ext import _loader  # noqa: F401  (loads _C before the ops register fake kernels)
+from unlearn_ext._loader import ExtensionNotBuiltError
+from unlearn_ext.ops import sq_grad_conv2d, sq_grad_embedding, sq_grad_linear
+
+__all__ = [
+    "ExtensionNotBuiltError",
+    "__version__",
+    "sq_grad_conv2d",
+    "sq_grad_embedding",
+    "sq_grad_linear",
+]
