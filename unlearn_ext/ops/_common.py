@@ -1,0 +1,141 @@
+"""Helpers shared by the public ops: argument checks with clear messages, and backend choice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from unlearn_ext import _loader
+from unlearn_ext._triton import triton_available, triton_unavailable_reason
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ops accumulate in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same_device(tensors: Sequence[tuple[str, torch.Tensor | None]]) -> torch.device:
+    present = [(n, t) for n, t in tensors if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise RuntimeError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; move them to the same device"
+            )
+    return first.device
+
+
+def check_group_weight(
+    group: torch.Tensor | None,
+    num_groups: int,
+    sample_weight: torch.Tensor | None,
+    batch: int,
+) -> None:
+    """Validate ``group`` ([B] integer ids in [0, num_groups)) and ``sample_weight`` ([B], finite)."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be at least 1, got {num_groups}")
+    if group is not None:
+        check_tensor(group, "group")
+        if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool:
+            raise ValueError(f"group must be an integer tensor, got {group.dtype}")
+        if group.shape != (batch,):
+            raise ValueError(f"group must have shape [{batch}] (one id per sample), got {list(group.shape)}")
+        if batch > 0 and not _is_tracing(group):
+            lo, hi = int(group.min()), int(group.max())
+            if lo < 0:
+                raise ValueError(f"group ids must be >= 0, got {lo}")
+            if hi >= num_groups:
+                raise ValueError(
+                    f"group id {hi} is out of range for num_groups={num_groups} "
+                    "(num_groups must exceed every group id)"
+                )
+    if sample_weight is not None:
+        check_tensor(sample_weight, "sample_weight")
+        if not sample_weight.dtype.is_floating_point:
+            raise ValueError(f"sample_weight must be a floating-point tensor, got {sample_weight.dtype}")
+        if sample_weight.shape != (batch,):
+            raise ValueError(f"sample_weight must have shape [{batch}], got {list(sample_weight.shape)}")
+        if batch > 0 and not _is_tracing(sample_weight) and not bool(torch.isfinite(sample_weight).all()):
+            raise ValueError("sample_weight contains NaN or inf")
+
+
+def _is_tracing(t: torch.Tensor) -> bool:
+    """True for fake/meta tensors (torch.compile tracing), where values cannot be inspected."""
+    if t.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, FakeTensor) or torch.compiler.is_compiling()
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, *, has_cuda_kernel: bool = True) -> str:
+    """Turn ``backend`` into one of cpp/cuda/triton/reference for tensors on ``device``, or raise.
+
+    ``auto`` picks the fastest available kernel (C++ on CPU; CUDA, else Triton, on GPUs) and never
+    falls back to the reference silently.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    kind = device.type
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        if kind == "cpu":
+            _loader.require_extension(op)
+            return "cpp"
+        if kind == "cuda":
+            if has_cuda_kernel and _loader.has_kernel(op, device):
+                return "cuda"
+            if triton_available(device):
+                return "triton"
+            raise RuntimeError(
+                f"{op}: no kernel for {device}: the CUDA kernels were not built "
+                f"({_cuda_missing_reason()}) and Triton cannot run ({triton_unavailable_reason(device)})"
+            )
+        raise RuntimeError(
+            f"{op}: no kernel for {kind} tensors (supported: cpu, cuda); use backend='reference'"
+        )
+    if backend == "cpp":
+        if kind != "cpu":
+            raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {kind}; use 'cuda' or 'triton'")
+        _loader.require_extension(op)
+        return backend
+    if backend == "cuda":
+        if kind != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {kind}")
+        if not has_cuda_kernel or not _loader.has_kernel(op, device):
+            raise RuntimeError(f"{op}: the CUDA kernel is not available ({_cuda_missing_reason()})")
+        return backend
+    # triton
+    if not triton_available(device):
+        raise RuntimeError(
+            f"{op}: backend='triton' cannot run on {device}: {triton_unavailable_reason(device)}"
+        )
+    return backend
+
+
+def _cuda_missing_reason() -> str:
+    if not _loader.extension_loaded():
+        return f"unlearn_ext._C failed to load: {_loader.LOAD_ERROR}"
+    if not _loader.BUILD_INFO.get("with_cuda"):
+        return "this build of unlearn_ext has no CUDA kernels; rebuild where torch has CUDA"
+    return "no CUDA kernel registered"

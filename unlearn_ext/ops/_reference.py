@@ -1,0 +1,140 @@
+"""Pure-PyTorch references of every op: the ground truth of tests and benchmarks.
+
+They favour obviousness over speed: per-sample gradients come from ``torch.func`` (``vmap`` of
+``grad``), exactly as a user would compute them, then get squared, weighted and summed per group.
+They materialise ``[B, *param_shape]`` per-sample gradients, so use them on small inputs (or with
+``chunk_size``). They are differentiable through ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+__all__ = [
+    "sq_grad_conv2d_reference",
+    "sq_grad_embedding_reference",
+    "sq_grad_linear_reference",
+]
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_sum(
+    per_sample: torch.Tensor,
+    group: torch.Tensor | None,
+    num_groups: int,
+    sample_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """sum_b w_b * per_sample[b]**2 into [num_groups, *per_sample.shape[1:]]."""
+    sq = per_sample.square()
+    if sample_weight is not None:
+        sq = sq * sample_weight.to(sq.dtype).view(-1, *([1] * (sq.dim() - 1)))
+    out = sq.new_zeros((num_groups, *sq.shape[1:]))
+    idx = torch.zeros(sq.shape[0], dtype=torch.long, device=sq.device) if group is None else group.long()
+    return out.index_add(0, idx, sq)
+
+
+def sq_grad_linear_reference(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    group: torch.Tensor | None = None,
+    num_groups: int = 1,
+    sample_weight: torch.Tensor | None = None,
+    with_bias: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Squared per-sample gradients of a Linear layer, via ``torch.func`` per-sample gradients.
+
+    Args:
+        x: ``[B, *, d_in]`` layer inputs. grad_out: ``[B, *, d_out]`` gradients of the per-sample
+            losses with respect to the layer outputs.
+        group, num_groups, sample_weight, with_bias: as :func:`unlearn_ext.sq_grad_linear`.
+        chunk_size: forwarded to ``vmap`` to bound memory.
+
+    Returns:
+        ``F [num_groups, d_out, d_in]`` (and ``F_bias [num_groups, d_out]``) in the accumulator dtype.
+    """
+    acc = _accum_dtype(x.dtype)
+    B = x.shape[0]
+    x3 = x.reshape(B, -1, x.shape[-1]).to(acc)
+    g3 = grad_out.reshape(B, -1, grad_out.shape[-1]).to(acc)
+    weight = torch.zeros(g3.shape[-1], x3.shape[-1], dtype=acc, device=x.device)
+    bias = torch.zeros(g3.shape[-1], dtype=acc, device=x.device)
+
+    def pairing(w: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+        # <grad_out_b, x_b W^T + b>: its gradient in (W, b) is sample b's gradient of the loss.
+        return (gb * F.linear(xb, w, b)).sum()
+
+    per_w, per_b = vmap(grad(pairing, argnums=(0, 1)), in_dims=(None, None, 0, 0), chunk_size=chunk_size)(
+        weight, bias, x3, g3
+    )
+    fw = _group_sum(per_w, group, num_groups, sample_weight)
+    if not with_bias:
+        return fw
+    return fw, _group_sum(per_b, group, num_groups, sample_weight)
+
+
+def sq_grad_conv2d_reference(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight_shape: tuple[int, int, int, int] | list[int] | torch.Size,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    group: torch.Tensor | None = None,
+    num_groups: int = 1,
+    sample_weight: torch.Tensor | None = None,
+    with_bias: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Squared per-sample gradients of a Conv2d weight ``[C_out, C_in/groups, kh, kw]``."""
+    acc = _accum_dtype(x.dtype)
+    weight = torch.zeros(tuple(weight_shape), dtype=acc, device=x.device)
+    bias = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
+
+    def pairing(w: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(xb.unsqueeze(0), w, b, stride, padding, dilation, groups)
+        return (gb.unsqueeze(0) * y).sum()
+
+    per_w, per_b = vmap(grad(pairing, argnums=(0, 1)), in_dims=(None, None, 0, 0), chunk_size=chunk_size)(
+        weight, bias, x.to(acc), grad_out.to(acc)
+    )
+    fw = _group_sum(per_w, group, num_groups, sample_weight)
+    if not with_bias:
+        return fw
+    return fw, _group_sum(per_b, group, num_groups, sample_weight)
+
+
+def sq_grad_embedding_reference(
+    ids: torch.Tensor,
+    grad_out: torch.Tensor,
+    num_embeddings: int,
+    *,
+    padding_idx: int | None = None,
+    group: torch.Tensor | None = None,
+    num_groups: int = 1,
+    sample_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Squared per-sample gradients of an Embedding table ``[num_embeddings, d]``."""
+    acc = _accum_dtype(grad_out.dtype)
+    B = ids.shape[0]
+    ids2 = ids.reshape(B, -1)
+    g3 = grad_out.reshape(B, ids2.shape[1], grad_out.shape[-1]).to(acc)
+    table = torch.zeros(num_embeddings, g3.shape[-1], dtype=acc, device=grad_out.device)
+
+    def pairing(e: torch.Tensor, idb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+        return (gb * F.embedding(idb, e, padding_idx=padding_idx)).sum()
+
+    per = vmap(grad(pairing), in_dims=(None, 0, 0), chunk_size=chunk_size)(table, ids2, g3)
+    if padding_idx is not None:  # F.embedding already gives the padding row no gradient
+        per = per.clone()
+        per[:, padding_idx] = 0
+    return _group_sum(per, group, num_groups, sample_weight)
