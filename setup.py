@@ -80,9 +80,8 @@ def _extension():
         ext = cpp_extension.CUDAExtension("unlearn_ext._C", sources, **kwargs)
     else:
         ext = cpp_extension.CppExtension("unlearn_ext._C", sources, **kwargs)
-    print(
-        f"unlearn_ext: building CPU kernels{' + CUDA kernels' if use_cuda else ''} against torch {torch.__version__}"
-    )
+    kinds = "CPU + CUDA kernels" if use_cuda else "CPU kernels"
+    print(f"unlearn_ext: building {kinds} against torch {torch.__version__}")
     info = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
