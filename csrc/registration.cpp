@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+
 TORCH_LIBRARY(unlearn_ext, m) {
   // ---- squared per-sample gradients (diagonal Fisher), DESIGN.md 4.1 ----
   // x [B, T, d_in], grad_out [B, T, d_out] (any strides). Returns (F [K, d_out, d_in],
@@ -35,6 +37,10 @@ TORCH_LIBRARY(unlearn_ext, m) {
 }
 
 // ---- `unlearn_ext._C`: build information only (ops are reached through torch.ops) ----
+namespace unlearn_ext {
+const char* cpu_kernel_isa();  // csrc/cpu/sq_grad_segmented.cpp
+}
+
 namespace {
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef UNLEARN_EXT_WITH_CUDA
@@ -49,8 +55,15 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   const char* compiled_isa = "baseline";
 #endif
-  return Py_BuildValue("{s:O,s:s,s:s}", "with_cuda", with_cuda ? Py_True : Py_False, "compiled_isa",
-                       compiled_isa, "compiler", __VERSION__);
+  const char* cpu_isa = "unavailable";
+  try {
+    cpu_isa = unlearn_ext::cpu_kernel_isa();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  return Py_BuildValue("{s:O,s:s,s:s,s:s}", "with_cuda", with_cuda ? Py_True : Py_False, "compiled_isa",
+                       compiled_isa, "cpu_kernel_isa", cpu_isa, "compiler", __VERSION__);
 }
 
 PyMethodDef methods[] = {

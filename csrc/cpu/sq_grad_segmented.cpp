@@ -21,7 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -202,16 +204,40 @@ struct IsaTraits<double> {
 };
 #endif
 
+// The widest instruction set this CPU supports, or the one named by UNLEARN_EXT_CPU_ISA
+// (avx512 | avx2 | baseline; tests use it to exercise every variant on one machine).
+inline const char* chosen_isa() {
+  static const char* isa = [] {
+    const char* env = std::getenv("UNLEARN_EXT_CPU_ISA");
+    bool avx512 = false, avx2 = false;
+#if UNLEARN_EXT_X86
+    __builtin_cpu_init();
+    avx512 = __builtin_cpu_supports("avx512f");
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    if (env != nullptr && env[0] != '\0') {
+      const std::string want(env);
+      TORCH_CHECK_VALUE(want == "avx512" || want == "avx2" || want == "baseline",
+                        "UNLEARN_EXT_CPU_ISA must be avx512, avx2 or baseline, got '", want, "'");
+      TORCH_CHECK_VALUE(want != "avx512" || avx512, "UNLEARN_EXT_CPU_ISA=avx512 but this CPU has no AVX-512");
+      TORCH_CHECK_VALUE(want != "avx2" || avx2, "UNLEARN_EXT_CPU_ISA=avx2 but this CPU has no AVX2+FMA");
+      return want == "avx512" ? "avx512" : want == "avx2" ? "avx2" : "baseline";
+    }
+    return avx512 ? "avx512" : avx2 ? "avx2" : "baseline";
+  }();
+  return isa;
+}
+
 template <typename S>
 Engine<S> pick_engine() {
+  const std::string isa = chosen_isa();
 #if UNLEARN_EXT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
+  if (isa == "avx512") {
     using Tr = typename IsaTraits<S>::Avx512;
     return {&microkernel_avx512<Tr, 6, 2, true, true>, &microkernel_avx512<Tr, 6, 2, false, true>,
             &microkernel_avx512<Tr, 12, 2, true, false>, 12, 6, 2 * Tr::L, "avx512"};
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (isa == "avx2") {
     using Tr = typename IsaTraits<S>::Avx2;
     return {&microkernel_avx2<Tr, 3, 2, true, true>, &microkernel_avx2<Tr, 3, 2, false, true>,
             &microkernel_avx2<Tr, 6, 2, true, false>, 6, 3, 2 * Tr::L, "avx2"};
@@ -624,6 +650,6 @@ void segmented_cpu(const at::Tensor& x3, const at::Tensor& g3, const SamplePlan&
   }
 }
 
-const char* cpu_kernel_isa() { return pick_engine<float>().isa; }
+const char* cpu_kernel_isa() { return chosen_isa(); }
 
 }  // namespace unlearn_ext
