@@ -183,6 +183,7 @@ class _Layer:
     params: dict[str, str]  # attr -> parameter name (only those we compute by hooks)
     inputs: list[torch.Tensor] = field(default_factory=list)
     grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    disabled: bool = False  # moved to the torch.func path
 
 
 @dataclass
@@ -214,7 +215,7 @@ class _FisherPass:
 
     def _make_forward_hook(self, layer: _Layer):
         def hook(module, args, output):
-            if self.ctx is None or not args or not isinstance(output, torch.Tensor):
+            if self.ctx is None or layer.disabled or not args or not isinstance(output, torch.Tensor):
                 return None
             index = len(layer.inputs)
             layer.inputs.append(args[0].detach())
@@ -232,6 +233,8 @@ class _FisherPass:
 
     def _make_grad_hook(self, layer: _Layer, index: int):
         def hook(g):
+            if layer.disabled:
+                return None
             layer.grads[index] = g.detach()
             if len(layer.grads) == len(layer.inputs):
                 self._accumulate(layer)
@@ -509,12 +512,32 @@ def _fallback_fisher(model, names, inputs, targets, loss_fn, group, granularity,
         )
         if granularity == "sample":
             B = targets.shape[0]
-            per = vmap(grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)(
-                params, inputs, targets
-            )
             idx = torch.zeros(B, dtype=torch.long, device=targets.device) if group is None else group
-            for n in names:
-                fisher[n].index_add_(0, idx, per[n].to(fisher[n].dtype).square())
+            if not _VMAP_FAILED.get(id(model), False):
+                try:
+                    per = vmap(grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)(
+                        params, inputs, targets
+                    )
+                except RuntimeError as exc:  # data-dependent control flow in the model (e.g. HF masks)
+                    if "vmap" not in str(exc):
+                        raise
+                    _VMAP_FAILED[id(model)] = True
+                    warnings.warn(
+                        f"diagonal_fisher: torch.func.vmap cannot batch this model ({str(exc)[:120]}...); the "
+                        "fallback parameters use torch.func.grad one sample at a time",
+                        stacklevel=4,
+                    )
+                else:
+                    for n in names:
+                        fisher[n].index_add_(0, idx, per[n].to(fisher[n].dtype).square())
+                    return
+            unit_grad = grad(unit_loss)
+            for b in range(B):
+                sel = torch.tensor([b], device=targets.device)
+                gb = unit_grad(params, _squeeze_tree(_index_batch(inputs, sel)), targets[b])
+                k = int(idx[b])
+                for n in names:
+                    fisher[n][k] += gb[n].to(fisher[n].dtype).square()
             return
         # batch: one gradient per group present in the batch
         groups = [None] if group is None else torch.unique(group).tolist()
@@ -531,6 +554,20 @@ def _fallback_fisher(model, names, inputs, targets, loss_fn, group, granularity,
             gk = grad(group_loss)(params)
             for n in names:
                 fisher[n][kk] += gk[n].to(fisher[n].dtype).square()
+
+
+# Models on which vmap failed once (by id): later batches go straight to the per-sample loop.
+_VMAP_FAILED: dict[int, bool] = {}
+
+
+def _squeeze_tree(inp):
+    if isinstance(inp, torch.Tensor):
+        return inp.squeeze(0)
+    if isinstance(inp, Mapping):
+        return {k: _squeeze_tree(v) for k, v in inp.items()}
+    if isinstance(inp, (tuple, list)):
+        return type(inp)(_squeeze_tree(v) for v in inp)
+    return inp
 
 
 def _unsqueeze_tree(inp):
@@ -767,7 +804,7 @@ def diagonal_fisher(
                 gid = _batch_groups(groups, inputs, targets, extra, B, num_groups, device)
                 fp.ctx.batch_size = B
                 fp.ctx.group = gid
-                _route_repeated_convs(fp, fallback, wanted)
+                _route_unhookable(fp, fallback, B)
                 if per_sample.requires_grad:
                     per_sample.sum().backward()
                 fp.end_batch()
@@ -791,18 +828,42 @@ def _call_model_tracked(model: nn.Module, inputs: Any, fp: _FisherPass) -> Any:
     return _call_model(model, inputs)
 
 
-def _route_repeated_convs(fp: _FisherPass, fallback: list[str], wanted: set[str]) -> None:
-    """Conv2d layers called more than once per forward cannot use the kernel: move them to torch.func."""
+def _route_unhookable(fp: _FisherPass, fallback: list[str], batch_size: int) -> None:
+    """Layers whose hooks cannot see per-sample gradients go to the torch.func path: inputs shared by
+    the whole batch (e.g. GPT-2's position embedding sees [1, T] ids), and Conv2d layers called more
+    than once per forward."""
     for layer in list(fp.layers):
+        if not layer.inputs:
+            continue
+        why = None
         if layer.kind == "conv2d" and len(layer.inputs) > 1:
-            warnings.warn(
-                f"diagonal_fisher: Conv2d {layer.name!r} is called {len(layer.inputs)} times per forward; its "
-                "parameters use exact torch.func per-sample gradients",
-                stacklevel=3,
+            why = f"is called {len(layer.inputs)} times per forward"
+        elif any(not _has_batch_dim(x, batch_size) for x in layer.inputs):
+            shapes = [list(x.shape) for x in layer.inputs]
+            why = f"gets inputs {shapes} without a batch dimension of size {batch_size} (shared by all samples)"
+        if why is None:
+            continue
+        if fp.granularity == "token":
+            raise NotImplementedError(
+                f"granularity='token': layer {layer.name!r} {why}, so its per-token contributions cannot be "
+                "separated; use granularity='sample' or leave its parameters out with params="
             )
-            fp.layers.remove(layer)
-            fallback.extend(sorted(layer.params.values()))
-            layer.inputs.clear()
+        warnings.warn(
+            f"diagonal_fisher: layer {layer.name!r} {why}; its parameters use exact torch.func per-sample "
+            "gradients",
+            stacklevel=3,
+        )
+        layer.disabled = True
+        fp.layers.remove(layer)
+        fallback.extend(sorted(layer.params.values()))
+        layer.inputs.clear()
+        layer.grads.clear()
+
+
+def _has_batch_dim(x: torch.Tensor, batch_size: int) -> bool:
+    if x.dim() >= 1 and x.shape[0] == batch_size:
+        return True
+    return x.dim() >= 3 and x.shape[1] == batch_size
 
 
 def _units_in_batch(granularity, B, gid, targets, num_groups) -> torch.Tensor:

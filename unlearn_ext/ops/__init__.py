@@ -1,1 +1,8 @@
-from unlearn_ext.ops.sq_grad import sq_grad_conv2d, sq_grad_embedding, sq_grad_linear  # noqa: F401
+"""Public ops (drop-in functions; each has cpp/cuda/triton/reference backends)."""
+
+from unlearn_ext.ops.sq_grad import sq_grad_conv2d, sq_grad_embedding, sq_grad_linear
+
+# Names of the compiled ops behind the public functions (for `unlearn info` and tests).
+OPS = ("sq_grad_linear", "sq_grad_conv2d", "sq_grad_embedding")
+
+__all__ = ["OPS", "sq_grad_conv2d", "sq_grad_embedding", "sq_grad_linear"]

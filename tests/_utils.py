@@ -1,0 +1,251 @@
+"""Shared test helpers: capability checks, the tolerance table, input makers and comparisons.
+
+Comparisons are against ``unlearn_ext.ops._reference`` evaluated in float64 on the very values the
+op saw (low-precision inputs are upcast exactly), so the only error left is the op's own rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# What can run here (computed, never guessed)
+# --------------------------------------------------------------------------------------------
+
+
+def cpp_available() -> bool:
+    """The compiled C++ CPU kernels of unlearn_ext are loaded and registered."""
+    from unlearn_ext import _loader
+
+    return _loader.has_kernel("sq_grad_linear", "cpu")
+
+
+def cpp_unavailable_reason() -> str:
+    from unlearn_ext import _loader
+
+    if _loader.LOAD_ERROR is not None:
+        return f"unlearn_ext._C failed to load: {_loader.LOAD_ERROR}"
+    return "unlearn_ext::sq_grad_linear has no CPU kernel registered"
+
+
+def triton_interpret_set() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_cpu_available() -> bool:
+    """Triton is importable and its interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1)."""
+    from unlearn_ext._triton import HAS_TRITON
+
+    return HAS_TRITON and triton_interpret_set()
+
+
+def triton_cpu_unavailable_reason() -> str:
+    from unlearn_ext._triton import HAS_TRITON, TRITON_IMPORT_ERROR
+
+    if not HAS_TRITON:
+        return f"Triton is not importable ({TRITON_IMPORT_ERROR})"
+    return "TRITON_INTERPRET=1 is not set (it must be exported before Python starts)"
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend_device(backend: str) -> str:
+    """The device whose tensors ``backend`` runs on in this test suite."""
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Tolerances
+# --------------------------------------------------------------------------------------------
+
+# rtol of ``assert_close_rel``: max |actual - expected| <= rtol * max |expected| (a norm-wise
+# relative error; element-wise rtol is meaningless here because negative sample weights make some
+# entries cancel to ~0).
+#  * float64: every backend accumulates in float64; errors are ~1e-15 relative.
+#  * float32: accumulation in float32 over up to a few thousand squared terms and T-long dot
+#    products; observed <= 3e-6 relative, 1e-5 leaves margin without hiding real bugs (a wrong
+#    tile or a dropped sample is an O(1) error).
+#  * bfloat16/float16: inputs are exact in float32 and the ops accumulate in float32, so against
+#    the float64 reference of the *same* (rounded) inputs they are float32-accurate; the rule of
+#    DESIGN.md 6 (<= 2x plain PyTorch's error) is checked separately by ``assert_low_precision_rule``.
+TOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-4,
+    torch.float16: 1e-4,
+}
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    return TOL[dtype]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _worst(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    diff = (actual.double() - expected.double()).abs()
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return (
+        f"worst element at {list(idx)}: actual {actual[idx].item()!r}, expected {expected[idx].item()!r}, "
+        f"|diff| {diff[idx].item():.3e}"
+    )
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return float((actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max())
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, *, what: str = "") -> None:
+    """Assert ``max|actual - expected| <= rtol * max|expected|`` (exact zeros when expected is all 0).
+
+    Shapes must match exactly. On failure the message gives the worst element.
+    """
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {list(actual.shape)} != expected {list(expected.shape)}"
+    )
+    if expected.numel() == 0:
+        return
+    a = actual.detach().cpu()
+    e = expected.detach().cpu()
+    assert bool(torch.isfinite(a).all()), f"{what}: result has non-finite values; {_worst(a, e)}"
+    scale = float(e.double().abs().max())
+    err = max_abs_err(a, e)
+    allowed = rtol * scale
+    assert err <= allowed, (
+        f"{what}: max abs error {err:.3e} > rtol {rtol:g} * max|expected| {scale:.3e} "
+        f"(relative {err / scale if scale else float('inf'):.3e}); {_worst(a, e)}"
+    )
+
+
+def assert_results_close(actual, expected, rtol: float, *, what: str = "") -> None:
+    """``assert_close_rel`` on a tensor or on matching tuples (weight, bias)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+        assert_close_rel(actual, expected, rtol, what=what)
+        return
+    assert isinstance(actual, tuple) and len(actual) == len(expected), (
+        f"{what}: expected a tuple of {len(expected)} tensors, got {type(actual).__name__}"
+    )
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert_close_rel(a, e, rtol, what=f"{what}[{i}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Input makers
+# --------------------------------------------------------------------------------------------
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+def make_tensor(
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    layout: str = "contiguous",
+    device: str | torch.device = "cpu",
+    expand_dim: int = 0,
+) -> torch.Tensor:
+    """A fresh standard-normal tensor of ``shape`` with the memory ``layout``:
+
+    * ``contiguous``;
+    * ``transposed``: the last two dims are swapped in memory (stride 1 on dim -2);
+    * ``sliced``: every other element of a larger tensor along dim 0 and a column window offset by
+      one along the last dim (non-unit batch stride, non-zero storage offset);
+    * ``expanded``: stride 0 along ``expand_dim`` (one slice broadcast).
+    """
+    shape = tuple(int(s) for s in shape)
+    if layout == "contiguous":
+        return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+    if layout == "transposed":
+        assert len(shape) >= 2
+        base = torch.randn((*shape[:-2], shape[-1], shape[-2]), dtype=torch.float64).to(dtype).to(device)
+        out = base.transpose(-1, -2)
+    elif layout == "sliced":
+        big = (2 * shape[0] + 1, *shape[1:-1], shape[-1] + 3)
+        base = torch.randn(big, dtype=torch.float64).to(dtype).to(device)
+        out = base[1::2][: shape[0]][..., 1 : 1 + shape[-1]]
+    elif layout == "expanded":
+        one = list(shape)
+        one[expand_dim] = 1
+        out = torch.randn(one, dtype=torch.float64).to(dtype).to(device).expand(shape)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    assert tuple(out.shape) == shape
+    assert not out.is_contiguous() or 1 in shape or 0 in shape, f"{layout} made a contiguous tensor"
+    return out
+
+
+def make_groups(batch: int, num_groups: int, *, empty: int | None = None, device="cpu") -> torch.Tensor:
+    """Random int64 group ids in [0, num_groups) with group ``empty`` (if given) receiving no sample."""
+    allowed = torch.tensor([k for k in range(num_groups) if k != empty])
+    ids = allowed[torch.randint(0, allowed.numel(), (batch,))]
+    if batch >= allowed.numel():  # every allowed group gets at least one sample
+        ids[: allowed.numel()] = allowed[torch.randperm(allowed.numel())]
+        ids = ids[torch.randperm(batch)]
+    return ids.to(device)
+
+
+def make_weights(batch: int, dtype: torch.dtype = torch.float32, *, device="cpu") -> torch.Tensor:
+    """Sample weights: mostly positive, some exactly zero, some negative (when batch allows)."""
+    w = torch.rand(batch, dtype=torch.float64) * 2 + 0.1
+    if batch >= 3:
+        w[1] = 0.0
+        w[2] = -0.75
+    if batch >= 6:
+        w[5] = 0.0
+        w[4] = -1.5
+    return w.to(dtype).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain PyTorch at the input dtype, for DESIGN.md 6's low-precision rule
+# --------------------------------------------------------------------------------------------
+
+
+def plain_sq_grad_linear(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    group: torch.Tensor | None = None,
+    num_groups: int = 1,
+    sample_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_b w_b * einsum('bto,bti->boi', g, x)[b]**2`` per group, computed in x's dtype."""
+    B = x.shape[0]
+    x3 = x.reshape(B, -1, x.shape[-1])
+    g3 = grad_out.reshape(B, -1, grad_out.shape[-1])
+    sq = torch.einsum("bto,bti->boi", g3, x3) ** 2
+    if sample_weight is not None:
+        sq = sq * sample_weight.to(sq.dtype).view(-1, 1, 1)
+    idx = torch.zeros(B, dtype=torch.long) if group is None else group.long()
+    return torch.zeros((num_groups, *sq.shape[1:]), dtype=sq.dtype).index_add_(0, idx, sq)
+
+
+def assert_low_precision_rule(
+    actual: torch.Tensor, reference64: torch.Tensor, plain: torch.Tensor, *, k: float = 2.0, what: str = ""
+) -> None:
+    """DESIGN.md 6: our max error vs the float64 reference is at most ``k`` x plain PyTorch's error.
+
+    The plain error is floored at float32 epsilon x max|reference| so a lucky exact plain result
+    cannot make the bound zero.
+    """
+    assert tuple(actual.shape) == tuple(reference64.shape) == tuple(plain.shape)
+    ours = max_abs_err(actual, reference64)
+    theirs = max_abs_err(plain, reference64)
+    floor = torch.finfo(torch.float32).eps * float(reference64.abs().max())
+    bound = k * max(theirs, floor)
+    assert ours <= bound, (
+        f"{what}: error {ours:.3e} vs the float64 reference exceeds {k}x plain PyTorch's error "
+        f"({theirs:.3e}, dtype {plain.dtype}); {_worst(actual.cpu(), reference64.cpu())}"
+    )

@@ -1,0 +1,96 @@
+"""Test configuration: per-test seeding, capability markers with computed skip reasons.
+
+Markers (in addition to ``triton``, ``cuda``, ``slow`` and ``hf`` from pyproject.toml):
+
+* ``requires_cpp``: the compiled C++ CPU kernels are loaded (``_loader.has_kernel``);
+* ``requires_triton_cpu``: Triton is importable and ``TRITON_INTERPRET=1`` is set;
+* ``requires_cuda``: a CUDA device is available (tests marked ``cuda`` get this check too).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from _utils import (
+    cpp_available,
+    cpp_unavailable_reason,
+    cuda_available,
+    triton_cpu_available,
+    triton_cpu_unavailable_reason,
+    triton_interpret_set,
+)
+
+_MARKERS = {
+    "requires_cpp": "needs the compiled C++ CPU kernels of unlearn_ext",
+    "requires_triton_cpu": "needs Triton and TRITON_INTERPRET=1 (Triton kernels on CPU tensors)",
+    "requires_cuda": "needs a CUDA device",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, doc in _MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    interp = (
+        "TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter"
+        if triton_interpret_set()
+        else f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}: Triton tests on CPU are skipped"
+    )
+    lines = [f"unlearn_ext: {interp}"]
+    try:
+        from unlearn_ext import _loader
+
+        info = _loader.compiled_build_info()
+        lines.append(
+            f"unlearn_ext: C++ kernels {'loaded' if cpp_available() else 'NOT loaded'}"
+            + (f", CPU microkernel ISA {info.get('cpu_kernel_isa')}" if info else "")
+            + f", torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
+    except Exception as exc:  # the header must never break collection
+        lines.append(f"unlearn_ext: could not query the build ({exc})")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    checks = {
+        "requires_cpp": (cpp_available, cpp_unavailable_reason),
+        "requires_triton_cpu": (triton_cpu_available, triton_cpu_unavailable_reason),
+        "requires_cuda": (cuda_available, lambda: "no CUDA device is available"),
+        "cuda": (cuda_available, lambda: "no CUDA device is available"),
+    }
+    results: dict[str, tuple[bool, str]] = {}
+    for item in items:
+        for name, (ok, reason) in checks.items():
+            if item.get_closest_marker(name) is None:
+                continue
+            if name not in results:
+                good = ok()
+                results[name] = (good, "" if good else reason())
+            good, why = results[name]
+            if not good:
+                item.add_marker(pytest.mark.skip(reason=f"{name}: {why}"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request: pytest.FixtureRequest):
+    """Seed Python, NumPy and torch per test: fresh inputs per test id, reproducible across runs."""
+    seed = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture
+def num_threads():
+    """Restore torch's intra-op thread count after a test that changes it."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
