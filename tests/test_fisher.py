@@ -282,6 +282,10 @@ def test_bad_inputs_raise_clear_errors():
         diagonal_fisher(model, [torch.randn(2, 1, 14, 14)])
     with pytest.raises(ValueError, match="BatchNorm '1'.*model.eval"):
         diagonal_fisher(small_cnn().train(), batches)
+    with pytest.raises(NotImplementedError, match="no token axis"):
+        diagonal_fisher(model, batches, granularity="token")
+    with pytest.raises(ValueError, match="group ids must be in"):
+        diagonal_fisher(model, [(x, t, t + 100) for x, t in batches], num_groups=10)
 
 
 @pytest.mark.hf

@@ -308,10 +308,7 @@ class _FisherPass:
         if self.granularity == "sample":
             self._layer_fisher(kind, layer, x, g, group)
         elif self.granularity == "token":
-            if kind in ("conv2d", "batchnorm"):
-                x_t, g_t = _spatial_tokens(kind, x, g)
-            else:
-                x_t, g_t = _flat_tokens(kind, x, g)
+            x_t, g_t = _flat_tokens(kind, x, g)
             reps = x_t.shape[0] // B
             gt = None if group is None else group.repeat_interleave(reps)
             self._layer_fisher(kind, layer, x_t, g_t, gt)
@@ -457,13 +454,6 @@ def _flat_tokens(kind: str, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Ten
     return x3.reshape(B * T, 1, d_in), g.reshape(B * T, 1, d_out)
 
 
-def _spatial_tokens(kind: str, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    raise NotImplementedError(
-        f"granularity='token' is defined for sequence layers (Linear, Embedding, LayerNorm/RMSNorm); {kind} "
-        "layers have no token axis: use granularity='sample' or 'batch'"
-    )
-
-
 def _merge_units(kind, x, g, idx):
     """The samples ``idx`` (all when None) as one unit: their tokens concatenated."""
     if idx is not None:
@@ -515,9 +505,9 @@ def _fallback_fisher(model, names, inputs, targets, loss_fn, group, granularity,
             idx = torch.zeros(B, dtype=torch.long, device=targets.device) if group is None else group
             if not _VMAP_FAILED.get(id(model), False):
                 try:
-                    per = vmap(grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)(
-                        params, inputs, targets
-                    )
+                    per = vmap(
+                        grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size
+                    )(params, inputs, targets)
                 except RuntimeError as exc:  # data-dependent control flow in the model (e.g. HF masks)
                     if "vmap" not in str(exc):
                         raise
@@ -747,6 +737,13 @@ def diagonal_fisher(
         if mine:
             fp.layers.append(_Layer(mod_name, m, kind, mine))
             hooked.update(mine.values())
+    if granularity == "token":
+        spatial = [layer.name for layer in fp.layers if layer.kind in ("conv2d", "batchnorm")]
+        if spatial:
+            raise NotImplementedError(
+                f"granularity='token' is defined for sequence layers (Linear, Embedding, LayerNorm/RMSNorm); "
+                f"{spatial} have no token axis: use granularity='sample' or 'batch', or leave them out with params="
+            )
     fallback = sorted(wanted - hooked)
     if fallback:
         tied = [n for n in fallback if owners[id(unique_named[n])] > 1]
@@ -840,7 +837,9 @@ def _route_unhookable(fp: _FisherPass, fallback: list[str], batch_size: int) -> 
             why = f"is called {len(layer.inputs)} times per forward"
         elif any(not _has_batch_dim(x, batch_size) for x in layer.inputs):
             shapes = [list(x.shape) for x in layer.inputs]
-            why = f"gets inputs {shapes} without a batch dimension of size {batch_size} (shared by all samples)"
+            why = (
+                f"gets inputs {shapes} without a batch dimension of size {batch_size} (shared by all samples)"
+            )
         if why is None:
             continue
         if fp.granularity == "token":

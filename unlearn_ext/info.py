@@ -12,7 +12,12 @@ from typing import Any
 import torch
 
 from unlearn_ext import __version__, _loader
-from unlearn_ext._triton import TRITON_VERSION, interpreter_enabled, triton_available, triton_unavailable_reason
+from unlearn_ext._triton import (
+    TRITON_VERSION,
+    interpreter_enabled,
+    triton_available,
+    triton_unavailable_reason,
+)
 from unlearn_ext.ops import OPS
 
 
@@ -75,7 +80,15 @@ def print_info(info: dict[str, Any] | None = None) -> None:
     info = info or collect_info()
     console = Console()
     versions = Table(title="unlearn_ext", show_header=False)
-    for key in ("unlearn_ext", "python", "torch", "torch_cuda", "triton", "triton_interpreter", "extension_loaded"):
+    for key in (
+        "unlearn_ext",
+        "python",
+        "torch",
+        "torch_cuda",
+        "triton",
+        "triton_interpreter",
+        "extension_loaded",
+    ):
         versions.add_row(key, str(info[key]))
     if info["extension_error"]:
         versions.add_row("extension_error", info["extension_error"])
