@@ -157,9 +157,10 @@ void bias_accumulate(const at::Tensor& g3, const SamplePlan& plan, at::Tensor& b
 
 void check_finite_result(const at::Tensor& out, const char* name) {
   if (out.numel() == 0) return;
-  TORCH_CHECK_VALUE(at::isfinite(out.sum()).item<bool>(), name,
+  TORCH_CHECK_VALUE(at::isfinite(out.sum(at::kDouble)).item<bool>(), name,
                     " has non-finite values after accumulation: an input (x, grad_out or a previous `out`) contains "
-                    "NaN or inf, or the squared gradients overflow ", out.scalar_type());
+                    "NaN or inf, or the squared gradients overflow ", out.scalar_type(),
+                    "; an `out` passed in now holds those values");
 }
 
 }  // namespace
@@ -261,6 +262,8 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& grad_out, at::IntArr
                     c_out);
   const int64_t h_out = (x.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t w_out = (x.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(h_out > 0 && w_out > 0, "the (dilated) kernel [", kh, ", ", kw, "] is larger than the padded input [",
+                    x.size(2), ", ", x.size(3), "]: the convolution has no output");
   TORCH_CHECK_VALUE(grad_out.size(2) == h_out && grad_out.size(3) == w_out, "grad_out must have spatial size [",
                     h_out, ", ", w_out, "] for this input, kernel, stride, padding and dilation, got [",
                     grad_out.size(2), ", ", grad_out.size(3), "]");

@@ -11,19 +11,13 @@ import torch.nn as nn
 from unlearn_ext.fisher import causal_lm_targets, diagonal_fisher, per_sample_cross_entropy
 
 
-def loop_fisher(
-    model, batches, *, num_groups=1, group_of=None, loss_fn=per_sample_cross_entropy, params=None
-):
+def loop_fisher(model, batches, *, num_groups=1, group_of=None, loss_fn=per_sample_cross_entropy, params=None):
     """sum over samples of (d loss_b / d theta)**2, one autograd backward per sample, float64."""
     named = {n: p for n, p in model.named_parameters() if params is None or n in params}
     out = {n: torch.zeros(num_groups, *p.shape, dtype=torch.float64) for n, p in named.items()}
     for inputs, targets in batches:
         for b in range(targets.shape[0]):
-            inp = (
-                {k: v[b : b + 1] for k, v in inputs.items()}
-                if isinstance(inputs, dict)
-                else inputs[b : b + 1]
-            )
+            inp = {k: v[b : b + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[b : b + 1]
             res = model(**inp) if isinstance(inp, dict) else model(inp)
             loss = loss_fn(res, targets[b : b + 1]).sum()
             grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
@@ -299,9 +293,7 @@ def test_real_smollm2_matches_loop_on_selected_layers():
         model, tok = load_smollm2()
     except ModuleNotFoundError as exc:
         pytest.skip(str(exc))
-    enc = tok(
-        ["The capital of France is Paris.", "Seven is an odd number."], return_tensors="pt", padding=True
-    )
+    enc = tok(["The capital of France is Paris.", "Seven is an odd number."], return_tensors="pt", padding=True)
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     batches = [(inputs, causal_lm_targets(enc["input_ids"], enc["attention_mask"]))]
     params = [

@@ -16,9 +16,7 @@ from unlearn_ext.info import collect_info
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
 
 
 def test_import_works_without_compiled_kernels_and_ops_say_what_to_rebuild():
@@ -55,9 +53,7 @@ except unlearn_ext.ExtensionNotBuiltError as e:
 
 
 def test_skip_env_var_disables_the_extension_quietly():
-    res = _run(
-        "import unlearn_ext, unlearn_ext._loader as L; print(L.extension_loaded())", UNLEARN_EXT_SKIP_C="1"
-    )
+    res = _run("import unlearn_ext, unlearn_ext._loader as L; print(L.extension_loaded())", UNLEARN_EXT_SKIP_C="1")
     assert res.returncode == 0 and res.stdout.strip() == "False" and "could not be loaded" not in res.stderr
 
 
@@ -74,17 +70,13 @@ def test_info_reports_backends_per_op_and_device():
 
 
 def test_cli_info_json_and_module_entry_point():
-    res = subprocess.run(
-        [sys.executable, "-m", "unlearn_ext.cli", "info", "--json"], capture_output=True, text=True
-    )
+    res = subprocess.run([sys.executable, "-m", "unlearn_ext.cli", "info", "--json"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert set(data["ops"]) == set(unlearn_ext.ops.OPS)
     res = subprocess.run([sys.executable, "-m", "unlearn_ext.info"], capture_output=True, text=True)
     assert res.returncode == 0 and "backends per op and device" in res.stdout
-    res = subprocess.run(
-        [sys.executable, "-m", "unlearn_ext.cli", "frobnicate"], capture_output=True, text=True
-    )
+    res = subprocess.run([sys.executable, "-m", "unlearn_ext.cli", "frobnicate"], capture_output=True, text=True)
     assert res.returncode != 0 and "invalid choice" in res.stderr
 
 

@@ -404,9 +404,7 @@ class _FisherPass:
             )
             reduce_dims = tuple(range(2, x.dim()))
             if fw is not None:
-                _vector_fisher(
-                    fw, (g.to(acc) * xhat).sum(reduce_dims) if reduce_dims else g.to(acc) * xhat, group
-                )
+                _vector_fisher(fw, (g.to(acc) * xhat).sum(reduce_dims) if reduce_dims else g.to(acc) * xhat, group)
             if fb is not None:
                 _vector_fisher(fb, g.to(acc).sum(reduce_dims) if reduce_dims else g.to(acc), group)
             return
@@ -505,9 +503,9 @@ def _fallback_fisher(model, names, inputs, targets, loss_fn, group, granularity,
             idx = torch.zeros(B, dtype=torch.long, device=targets.device) if group is None else group
             if not _VMAP_FAILED.get(id(model), False):
                 try:
-                    per = vmap(
-                        grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size
-                    )(params, inputs, targets)
+                    per = vmap(grad(unit_loss), in_dims=(None, 0, 0), randomness="different", chunk_size=chunk_size)(
+                        params, inputs, targets
+                    )
                 except RuntimeError as exc:  # data-dependent control flow in the model (e.g. HF masks)
                     if "vmap" not in str(exc):
                         raise
@@ -837,9 +835,7 @@ def _route_unhookable(fp: _FisherPass, fallback: list[str], batch_size: int) -> 
             why = f"is called {len(layer.inputs)} times per forward"
         elif any(not _has_batch_dim(x, batch_size) for x in layer.inputs):
             shapes = [list(x.shape) for x in layer.inputs]
-            why = (
-                f"gets inputs {shapes} without a batch dimension of size {batch_size} (shared by all samples)"
-            )
+            why = f"gets inputs {shapes} without a batch dimension of size {batch_size} (shared by all samples)"
         if why is None:
             continue
         if fp.granularity == "token":
@@ -848,8 +844,7 @@ def _route_unhookable(fp: _FisherPass, fallback: list[str], batch_size: int) -> 
                 "separated; use granularity='sample' or leave its parameters out with params="
             )
         warnings.warn(
-            f"diagonal_fisher: layer {layer.name!r} {why}; its parameters use exact torch.func per-sample "
-            "gradients",
+            f"diagonal_fisher: layer {layer.name!r} {why}; its parameters use exact torch.func per-sample gradients",
             stacklevel=3,
         )
         layer.disabled = True

@@ -84,7 +84,7 @@ void sq_grad_embedding_accumulate_cpu(const at::Tensor& ids, const at::Tensor& g
       TORCH_CHECK_VALUE(false, "grad_out must be floating point, got ", grad_out.scalar_type());
   }
   if (out.numel() > 0) {
-    TORCH_CHECK_VALUE(at::isfinite(out.sum()).item<bool>(),
+    TORCH_CHECK_VALUE(at::isfinite(out.sum(at::kDouble)).item<bool>(),
                       "out has non-finite values after accumulation: grad_out (or a previous `out`) contains NaN or "
                       "inf, or the squared gradients overflow");
   }

@@ -5,17 +5,18 @@
 //     A = sum_t g[b, t, rows] (outer) x[b, t, cols]      (T rank-1 updates, fused multiply-adds)
 //     F += w_b * A * A
 // so the [B, d_out, d_in] per-sample gradients never exist, and F is loaded and stored once per run of
-// same-group samples and chunk of ~256 tokens (the chunk's x strip of a tile stays in L1).
-// Two ways to feed it:
-//  * direct: float32/float64 inputs with unit feature stride are read in place (no copy at all);
-//    ragged edges reuse the last full window of rows/columns through a scratch tile;
-//  * packed: anything else (bf16/fp16, transposed conv columns, layers narrower than a tile) is
-//    packed per chunk into BLIS-style panels (g as [tokens][MR], x as [tokens][NR]) in fp32/fp64;
-//    the panels are the only temporaries (chunk_tokens * (d_in + d_out) elements).
-// Work is parallel over output tiles, so threads never write the same element.
+// same-group samples and sub-chunk of ~256 tokens (the sub-chunk's x strip of a tile stays in L1).
+// Operands are packed per super-chunk of samples into BLIS-style panels (g as [tokens][MR], x as
+// [tokens][NR]) in fp32/fp64, converting bf16/fp16 and gathering strided layouts (transposed conv
+// columns) on the way; reading rows in place is slower, because rows a power-of-two apart map to the
+// same L1 sets. The panels are the only temporaries (about 1.5 MiB per worker).
+// Threads split the samples (private accumulators, added at the end) when that fits a small memory
+// budget, and otherwise split the output tiles, so threads never write the same element.
 //
-// The microkernel is written with GCC/Clang vector extensions and compiled three times: AVX-512,
-// AVX2+FMA and a 16-byte baseline, chosen at run time from the CPU's features.
+// The microkernel is written with intrinsics (AVX-512, AVX2+FMA) and GCC/Clang vector extensions (a
+// 16-byte baseline), compiled side by side with target attributes and chosen at run time from the
+// CPU's features (UNLEARN_EXT_CPU_ISA overrides). T = 1 packs squared, weighted operands and runs a
+// plain GEMM microkernel (F += A) with a 12-row tile.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

@@ -40,6 +40,21 @@ def check_same_device(tensors: Sequence[tuple[str, torch.Tensor | None]]) -> tor
     return first.device
 
 
+def check_accumulator(
+    t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device, name: str
+) -> None:
+    """An in-place accumulator: a contiguous tensor of exactly this shape, dtype and device."""
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} (the accumulator dtype), got {t.dtype}")
+    if t.device != device:
+        raise RuntimeError(f"{name} is on {t.device} but the inputs are on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
 def check_group_weight(
     group: torch.Tensor | None,
     num_groups: int,
@@ -63,8 +78,7 @@ def check_group_weight(
                 raise ValueError(f"group ids must be >= 0, got {lo}")
             if hi >= num_groups:
                 raise ValueError(
-                    f"group id {hi} is out of range for num_groups={num_groups} "
-                    "(num_groups must exceed every group id)"
+                    f"group id {hi} is out of range for num_groups={num_groups} (num_groups must exceed every group id)"
                 )
     if sample_weight is not None:
         check_tensor(sample_weight, "sample_weight")
@@ -111,9 +125,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, has_cuda_ker
                 f"{op}: no kernel for {device}: the CUDA kernels were not built "
                 f"({_cuda_missing_reason()}) and Triton cannot run ({triton_unavailable_reason(device)})"
             )
-        raise RuntimeError(
-            f"{op}: no kernel for {kind} tensors (supported: cpu, cuda); use backend='reference'"
-        )
+        raise RuntimeError(f"{op}: no kernel for {kind} tensors (supported: cpu, cuda); use backend='reference'")
     if backend == "cpp":
         if kind != "cpu":
             raise ValueError(f"{op}: backend='cpp' runs on CPU tensors, got {kind}; use 'cuda' or 'triton'")
@@ -127,9 +139,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, *, has_cuda_ker
         return backend
     # triton
     if not triton_available(device):
-        raise RuntimeError(
-            f"{op}: backend='triton' cannot run on {device}: {triton_unavailable_reason(device)}"
-        )
+        raise RuntimeError(f"{op}: backend='triton' cannot run on {device}: {triton_unavailable_reason(device)}")
     return backend
 
 

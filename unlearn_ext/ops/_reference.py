@@ -8,6 +8,8 @@ They materialise ``[B, *param_shape]`` per-sample gradients, so use them on smal
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
@@ -60,11 +62,15 @@ def sq_grad_linear_reference(
         ``F [num_groups, d_out, d_in]`` (and ``F_bias [num_groups, d_out]``) in the accumulator dtype.
     """
     acc = _accum_dtype(x.dtype)
-    B = x.shape[0]
-    x3 = x.reshape(B, -1, x.shape[-1]).to(acc)
-    g3 = grad_out.reshape(B, -1, grad_out.shape[-1]).to(acc)
-    weight = torch.zeros(g3.shape[-1], x3.shape[-1], dtype=acc, device=x.device)
-    bias = torch.zeros(g3.shape[-1], dtype=acc, device=x.device)
+    B, d_in, d_out = x.shape[0], x.shape[-1], grad_out.shape[-1]
+    T = math.prod(x.shape[1:-1])
+    if B == 0 or T == 0 or d_in == 0 or d_out == 0:  # no per-sample gradient has a nonzero entry
+        fw = x.new_zeros((num_groups, d_out, d_in), dtype=acc)
+        return (fw, x.new_zeros((num_groups, d_out), dtype=acc)) if with_bias else fw
+    x3 = x.reshape(B, T, d_in).to(acc)
+    g3 = grad_out.reshape(B, T, d_out).to(acc)
+    weight = torch.zeros(d_out, d_in, dtype=acc, device=x.device)
+    bias = torch.zeros(d_out, dtype=acc, device=x.device)
 
     def pairing(w: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
         # <grad_out_b, x_b W^T + b>: its gradient in (W, b) is sample b's gradient of the loss.
@@ -98,6 +104,9 @@ def sq_grad_conv2d_reference(
     acc = _accum_dtype(x.dtype)
     weight = torch.zeros(tuple(weight_shape), dtype=acc, device=x.device)
     bias = torch.zeros(weight.shape[0], dtype=acc, device=x.device)
+    if x.shape[0] == 0 or grad_out.numel() == 0:
+        fw = x.new_zeros((num_groups, *weight.shape), dtype=acc)
+        return (fw, x.new_zeros((num_groups, weight.shape[0]), dtype=acc)) if with_bias else fw
 
     def pairing(w: torch.Tensor, b: torch.Tensor, xb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(xb.unsqueeze(0), w, b, stride, padding, dilation, groups)
@@ -125,9 +134,12 @@ def sq_grad_embedding_reference(
 ) -> torch.Tensor:
     """Squared per-sample gradients of an Embedding table ``[num_embeddings, d]``."""
     acc = _accum_dtype(grad_out.dtype)
-    B = ids.shape[0]
-    ids2 = ids.reshape(B, -1)
-    g3 = grad_out.reshape(B, ids2.shape[1], grad_out.shape[-1]).to(acc)
+    B, d = ids.shape[0], grad_out.shape[-1]
+    T = math.prod(ids.shape[1:])
+    if B == 0 or T == 0 or d == 0:
+        return grad_out.new_zeros((num_groups, num_embeddings, d), dtype=acc)
+    ids2 = ids.reshape(B, T)
+    g3 = grad_out.reshape(B, T, d).to(acc)
     table = torch.zeros(num_embeddings, g3.shape[-1], dtype=acc, device=grad_out.device)
 
     def pairing(e: torch.Tensor, idb: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:

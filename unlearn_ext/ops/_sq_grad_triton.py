@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from unlearn_ext._triton import interpreter_enabled
-from unlearn_ext.ops._common import accum_dtype
+from unlearn_ext.ops._common import accum_dtype, check_accumulator, check_group_weight
 
 # Bytes of im2col columns the conv launcher materialises at once.
 _CONV_CHUNK_BYTES = 16 << 20
@@ -245,10 +245,10 @@ def _accumulate_linear(x3, g3, order, weight, seg, out3, algorithm):
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t.sum())):
+    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
         raise ValueError(
             f"{name} has non-finite values after accumulation: an input (x, grad_out or a previous `out`) "
-            "contains NaN or inf, or the squared gradients overflow"
+            "contains NaN or inf, or the squared gradients overflow; an `out` passed in now holds those values"
         )
 
 
@@ -278,6 +278,16 @@ def sq_grad_linear_triton_(
 ) -> None:
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
     g3 = grad_out if grad_out.dim() == 3 else grad_out.unsqueeze(1)
+    # The public function validates too; the op checks what a direct call could get wrong.
+    if x3.dim() != 3 or g3.shape[:2] != x3.shape[:2]:
+        raise ValueError(
+            f"x and grad_out must be [B, T, d] with matching B and T, got {list(x.shape)}, {list(grad_out.shape)}"
+        )
+    acc = accum_dtype(x.dtype)
+    check_accumulator(out, (num_groups, g3.shape[-1], x3.shape[-1]), acc, x.device, "out")
+    if bias_out is not None:
+        check_accumulator(bias_out, (num_groups, g3.shape[-1]), acc, x.device, "bias_out")
+    check_group_weight(group, num_groups, sample_weight, x3.shape[0])
     order, weight, seg = _sample_plan(x3.shape[0], group, num_groups, sample_weight, x.device, out.dtype)
     _accumulate_linear(x3, g3, order, weight, seg, out, algorithm)
     _check_finite(out, "out")
@@ -299,9 +309,7 @@ def sq_grad_linear_triton(
     acc = accum_dtype(x.dtype)
     fw = torch.zeros((num_groups, grad_out.shape[-1], x.shape[-1]), dtype=acc, device=x.device)
     fb = torch.zeros((num_groups, grad_out.shape[-1] if with_bias else 0), dtype=acc, device=x.device)
-    sq_grad_linear_triton_(
-        x, grad_out, group, num_groups, sample_weight, fw, fb if with_bias else None, algorithm
-    )
+    sq_grad_linear_triton_(x, grad_out, group, num_groups, sample_weight, fw, fb if with_bias else None, algorithm)
     return fw, fb
 
 
@@ -309,6 +317,13 @@ def _conv_accumulate(x, grad_out, weight_shape, stride, padding, dilation, group
                      sample_weight, out, bias_out, algorithm):  # fmt: skip
     c_out, c_in_g, kh, kw = weight_shape
     B = x.shape[0]
+    acc = accum_dtype(x.dtype)
+    check_accumulator(out, (num_groups, *weight_shape), acc, x.device, "out")
+    if bias_out is not None:
+        check_accumulator(bias_out, (num_groups, c_out), acc, x.device, "bias_out")
+    check_group_weight(group, num_groups, sample_weight, B)
+    if grad_out.shape[2] <= 0 or grad_out.shape[3] <= 0 or x.shape[1] != c_in_g * groups:
+        raise ValueError(f"inconsistent conv2d shapes: x {list(x.shape)}, grad_out {list(grad_out.shape)}")
     L = grad_out.shape[2] * grad_out.shape[3]
     D = c_in_g * kh * kw
     co_g = c_out // groups
@@ -327,9 +342,7 @@ def _conv_accumulate(x, grad_out, weight_shape, stride, padding, dilation, group
         for gi in range(groups):
             x3 = cols[:, gi * D : (gi + 1) * D, :].transpose(1, 2)
             g3 = gs[:, gi * co_g : (gi + 1) * co_g, :].transpose(1, 2)
-            _accumulate_linear(
-                x3, g3, local, weight[j0:j1], sub_seg, out3[:, gi * co_g : (gi + 1) * co_g], algorithm
-            )
+            _accumulate_linear(x3, g3, local, weight[j0:j1], sub_seg, out3[:, gi * co_g : (gi + 1) * co_g], algorithm)
     _check_finite(out, "out")
     if bias_out is not None:
         _bias_accumulate(g_flat.transpose(1, 2), order, weight, seg, bias_out)
@@ -382,13 +395,15 @@ def sq_grad_conv2d_triton(
 def _embedding_accumulate(ids, grad_out, num_embeddings, padding_idx, group, num_groups, sample_weight, out):
     B, T = ids.shape
     d = grad_out.shape[-1]
+    check_accumulator(out, (num_groups, num_embeddings, d), accum_dtype(grad_out.dtype), ids.device, "out")
+    check_group_weight(group, num_groups, sample_weight, B)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+        raise ValueError(f"ids must be in [0, num_embeddings={num_embeddings})")
     order, weight, seg = _sample_plan(B, group, num_groups, sample_weight, ids.device, out.dtype)
     S = order.numel()
     if S == 0 or T == 0 or d == 0:
         return
-    gid = torch.repeat_interleave(
-        torch.arange(num_groups, device=ids.device), seg.diff()
-    )  # group per position
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=ids.device), seg.diff())  # group per position
     pos = torch.arange(S, device=ids.device).repeat_interleave(T)
     tok_b = order.repeat_interleave(T)
     tok_t = torch.arange(T, device=ids.device).repeat(S)
@@ -444,9 +459,7 @@ def sq_grad_embedding_triton(
 ) -> torch.Tensor:
     acc = accum_dtype(grad_out.dtype)
     out = torch.zeros((num_groups, num_embeddings, grad_out.shape[-1]), dtype=acc, device=grad_out.device)
-    sq_grad_embedding_triton_(
-        ids, grad_out, num_embeddings, padding_idx, group, num_groups, sample_weight, out
-    )
+    sq_grad_embedding_triton_(ids, grad_out, num_embeddings, padding_idx, group, num_groups, sample_weight, out)
     return out
 
 

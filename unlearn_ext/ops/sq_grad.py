@@ -14,6 +14,7 @@ with torch ops); the ``out=`` accumulating form is not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from unlearn_ext._triton import HAS_TRITON
 from unlearn_ext.ops import _reference
 from unlearn_ext.ops._common import (
     accum_dtype,
+    check_accumulator,
     check_float,
     check_group_weight,
     check_same_device,
@@ -75,8 +77,7 @@ def _linear_inputs(x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tenso
         raise ValueError(f"grad_out has batch size {grad_out.shape[0]} but x has {x.shape[0]}")
     if grad_out.shape[1:-1] != x.shape[1:-1]:
         raise ValueError(
-            f"grad_out's middle (sequence) dimensions {list(grad_out.shape[1:-1])} must equal x's "
-            f"{list(x.shape[1:-1])}"
+            f"grad_out's middle (sequence) dimensions {list(grad_out.shape[1:-1])} must equal x's {list(x.shape[1:-1])}"
         )
     if x.dim() == 2:
         return x.unsqueeze(1), grad_out.unsqueeze(1)
@@ -107,18 +108,16 @@ def _split_out(out: _OUT, with_bias: bool) -> tuple[torch.Tensor | None, torch.T
     return check_tensor(parts[0], "out[0]"), check_tensor(parts[1], "out[1]")
 
 
-def _check_accumulator(
-    t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, device: torch.device, name: str
-):
-    check_tensor(t, name)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype} (the accumulator dtype), got {t.dtype}")
-    if t.device != device:
-        raise RuntimeError(f"{name} is on {t.device} but the inputs are on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+def _ref(fn, *args, **kwargs):
+    """Run a reference and apply the kernels' rule: a non-finite result is an error, not an answer."""
+    res = fn(*args, **kwargs)
+    for t in res if isinstance(res, tuple) else (res,):
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            raise ValueError(
+                "the result has non-finite values: an input (x or grad_out) contains NaN or inf, "
+                "or the squared gradients overflow"
+            )
+    return res
 
 
 def _check_no_grad_for_out(*tensors: torch.Tensor | None) -> None:
@@ -180,13 +179,19 @@ def sq_grad_linear(
     w_out, b_out = _split_out(out, with_bias)
 
     if w_out is not None:
-        _check_accumulator(w_out, (num_groups, d_out, d_in), acc, device, "out")
+        check_accumulator(w_out, (num_groups, d_out, d_in), acc, device, "out")
         if b_out is not None:
-            _check_accumulator(b_out, (num_groups, d_out), acc, device, "bias_out")
+            check_accumulator(b_out, (num_groups, d_out), acc, device, "bias_out")
         _check_no_grad_for_out(x, grad_out, sample_weight)
         if be == "reference":
-            res = _reference.sq_grad_linear_reference(
-                x3, g3, group=group, num_groups=num_groups, sample_weight=sample_weight, with_bias=with_bias
+            res = _ref(
+                _reference.sq_grad_linear_reference,
+                x3,
+                g3,
+                group=group,
+                num_groups=num_groups,
+                sample_weight=sample_weight,
+                with_bias=with_bias,
             )
             if with_bias:
                 w_out.add_(res[0])
@@ -198,20 +203,20 @@ def sq_grad_linear(
                 x3, g3, group, num_groups, sample_weight, w_out, b_out, algorithm
             )
         else:
-            torch.ops.unlearn_ext.sq_grad_linear_(
-                x3, g3, group, num_groups, sample_weight, w_out, b_out, algorithm
-            )
+            torch.ops.unlearn_ext.sq_grad_linear_(x3, g3, group, num_groups, sample_weight, w_out, b_out, algorithm)
         return (w_out, b_out) if with_bias else w_out
 
     if be == "reference":
-        return _reference.sq_grad_linear_reference(
-            x3, g3, group=group, num_groups=num_groups, sample_weight=sample_weight, with_bias=with_bias
+        return _ref(
+            _reference.sq_grad_linear_reference,
+            x3,
+            g3,
+            group=group,
+            num_groups=num_groups,
+            sample_weight=sample_weight,
+            with_bias=with_bias,
         )
-    op = (
-        torch.ops.unlearn_ext.sq_grad_linear_triton
-        if be == "triton"
-        else torch.ops.unlearn_ext.sq_grad_linear
-    )
+    op = torch.ops.unlearn_ext.sq_grad_linear_triton if be == "triton" else torch.ops.unlearn_ext.sq_grad_linear
     fw, fb = op(x3, g3, group, num_groups, sample_weight, with_bias, algorithm)
     return (fw, fb) if with_bias else fw
 
@@ -278,7 +283,12 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad_f, grad_fb):
     x, grad_out, group, sample_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    gx, gg, gw = _linear_backward_impl(x, grad_out, group, sample_weight, grad_f, grad_fb, needs)
+    flat = x.dim() == 2  # the ops accept [B, d] (T = 1) as well as [B, T, d]
+    x3, g3 = (x.unsqueeze(1), grad_out.unsqueeze(1)) if flat else (x, grad_out)
+    gx, gg, gw = _linear_backward_impl(x3, g3, group, sample_weight, grad_f, grad_fb, needs)
+    if flat:
+        gx = gx.squeeze(1) if gx is not None else None
+        gg = gg.squeeze(1) if gg is not None else None
     return gx, gg, None, None, gw, None, None
 
 
@@ -305,9 +315,7 @@ def _conv_inputs(x, grad_out, weight_shape, stride, padding, dilation, groups):
         raise ValueError(f"grad_out must be [B, C_out, H_out, W_out], got shape {list(grad_out.shape)}")
     ws = [int(v) for v in weight_shape]
     if len(ws) != 4 or min(ws) <= 0:
-        raise ValueError(
-            f"weight_shape must be 4 positive ints [C_out, C_in/groups, kh, kw], got {weight_shape}"
-        )
+        raise ValueError(f"weight_shape must be 4 positive ints [C_out, C_in/groups, kh, kw], got {weight_shape}")
     stride, padding, dilation = (
         _pair(stride, "stride"),
         _pair(padding, "padding"),
@@ -329,6 +337,11 @@ def _conv_inputs(x, grad_out, weight_shape, stride, padding, dilation, groups):
         raise ValueError(f"grad_out has {grad_out.shape[1]} channels but weight_shape has C_out={ws[0]}")
     h_out = _conv_output_size(x.shape[2], ws[2], stride[0], padding[0], dilation[0])
     w_out = _conv_output_size(x.shape[3], ws[3], stride[1], padding[1], dilation[1])
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(
+            f"the (dilated) kernel {ws[2:]} is larger than the padded input {list(x.shape[2:])}: "
+            "the convolution has no output"
+        )
     if tuple(grad_out.shape[2:]) != (h_out, w_out):
         raise ValueError(
             f"grad_out must have spatial size [{h_out}, {w_out}] for this input, kernel, stride, padding "
@@ -373,12 +386,12 @@ def sq_grad_conv2d(
     acc = accum_dtype(x.dtype)
     w_out, b_out = _split_out(out, with_bias)
     if w_out is not None:
-        _check_accumulator(w_out, (num_groups, *ws), acc, device, "out")
+        check_accumulator(w_out, (num_groups, *ws), acc, device, "out")
         if b_out is not None:
-            _check_accumulator(b_out, (num_groups, ws[0]), acc, device, "bias_out")
+            check_accumulator(b_out, (num_groups, ws[0]), acc, device, "bias_out")
         _check_no_grad_for_out(x, grad_out, sample_weight)
         if be == "reference":
-            res = _reference.sq_grad_conv2d_reference(
+            res = _ref(_reference.sq_grad_conv2d_reference,
                 x, grad_out, ws, st, pd, dl, groups, group=group, num_groups=num_groups,
                 sample_weight=sample_weight, with_bias=with_bias,
             )  # fmt: skip
@@ -397,15 +410,11 @@ def sq_grad_conv2d(
             )
         return (w_out, b_out) if with_bias else w_out
     if be == "reference":
-        return _reference.sq_grad_conv2d_reference(
+        return _ref(_reference.sq_grad_conv2d_reference,
             x, grad_out, ws, st, pd, dl, groups, group=group, num_groups=num_groups,
             sample_weight=sample_weight, with_bias=with_bias,
         )  # fmt: skip
-    op = (
-        torch.ops.unlearn_ext.sq_grad_conv2d_triton
-        if be == "triton"
-        else torch.ops.unlearn_ext.sq_grad_conv2d
-    )
+    op = torch.ops.unlearn_ext.sq_grad_conv2d_triton if be == "triton" else torch.ops.unlearn_ext.sq_grad_conv2d
     fw, fb = op(x, grad_out, ws, st, pd, dl, groups, group, num_groups, sample_weight, with_bias, algorithm)
     return (fw, fb) if with_bias else fw
 
@@ -419,9 +428,7 @@ def _conv_fake(x, grad_out, weight_shape, stride, padding, dilation, groups, gro
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, grad_out, weight_shape, stride, padding, dilation, groups, group, num_groups, sample_weight, wb, _ = (
-        inputs
-    )
+    x, grad_out, weight_shape, stride, padding, dilation, groups, group, num_groups, sample_weight, wb, _ = inputs
     ctx.conv = (list(weight_shape), list(stride), list(padding), list(dilation), groups)
     ctx.save_for_backward(x, grad_out, group, sample_weight)
 
@@ -454,9 +461,7 @@ def _conv_backward(ctx, grad_f, grad_fb):
                 gw[b0:b1] += (gfs * p * p).sum((1, 2, 3))
             a = gfs * p * (2 * w[b0:b1]).view(-1, 1, 1, 1)
             if gg is not None:
-                gg[b0:b1] = torch.einsum("cgod,cgdl->cgol", a, cols).reshape(
-                    b1 - b0, c_out, *grad_out.shape[2:]
-                )
+                gg[b0:b1] = torch.einsum("cgod,cgdl->cgol", a, cols).reshape(b1 - b0, c_out, *grad_out.shape[2:])
             if gx is not None:
                 dcols = torch.einsum("cgod,cgol->cgdl", a, gs).reshape(b1 - b0, groups * d, L)
                 gx[b0:b1] = F.fold(dcols, x.shape[2:], (kh, kw), dilation, padding, stride)
@@ -491,9 +496,7 @@ def _embedding_inputs(ids, grad_out, num_embeddings, padding_idx):
     if ids.dim() < 1:
         raise ValueError("ids must be [B, *] with a batch dimension, got a scalar")
     if tuple(grad_out.shape[:-1]) != tuple(ids.shape) or grad_out.dim() != ids.dim() + 1:
-        raise ValueError(
-            f"grad_out must have shape [*ids.shape, d] = {[*ids.shape, 'd']}, got {list(grad_out.shape)}"
-        )
+        raise ValueError(f"grad_out must have shape [*ids.shape, d] = {[*ids.shape, 'd']}, got {list(grad_out.shape)}")
     if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings <= 0:
         raise ValueError(f"num_embeddings must be a positive int, got {num_embeddings!r}")
     if padding_idx is not None:
@@ -504,13 +507,9 @@ def _embedding_inputs(ids, grad_out, num_embeddings, padding_idx):
     if ids.numel() > 0 and ids.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_embeddings:
-            raise ValueError(
-                f"ids must be in [0, num_embeddings={num_embeddings}), got values in [{lo}, {hi}]"
-            )
-    B = ids.shape[0]
-    ids2 = ids.reshape(B, -1)
-    g3 = grad_out.reshape(B, ids2.shape[1], grad_out.shape[-1])
-    return ids2, g3, padding_idx
+            raise ValueError(f"ids must be in [0, num_embeddings={num_embeddings}), got values in [{lo}, {hi}]")
+    B, T = ids.shape[0], math.prod(ids.shape[1:])
+    return ids.reshape(B, T), grad_out.reshape(B, T, grad_out.shape[-1]), padding_idx
 
 
 def sq_grad_embedding(
@@ -543,11 +542,12 @@ def sq_grad_embedding(
     acc = accum_dtype(grad_out.dtype)
     shape = (num_groups, num_embeddings, g3.shape[-1])
     if out is not None:
-        _check_accumulator(out, shape, acc, device, "out")
+        check_accumulator(out, shape, acc, device, "out")
         _check_no_grad_for_out(grad_out, sample_weight)
         if be == "reference":
             out.add_(
-                _reference.sq_grad_embedding_reference(
+                _ref(
+                    _reference.sq_grad_embedding_reference,
                     ids2,
                     g3,
                     num_embeddings,
@@ -567,22 +567,16 @@ def sq_grad_embedding(
             )
         return out
     if be == "reference":
-        return _reference.sq_grad_embedding_reference(
+        return _ref(_reference.sq_grad_embedding_reference,
             ids2, g3, num_embeddings, padding_idx=padding_idx, group=group, num_groups=num_groups,
             sample_weight=sample_weight,
         )  # fmt: skip
-    op = (
-        torch.ops.unlearn_ext.sq_grad_embedding_triton
-        if be == "triton"
-        else torch.ops.unlearn_ext.sq_grad_embedding
-    )
+    op = torch.ops.unlearn_ext.sq_grad_embedding_triton if be == "triton" else torch.ops.unlearn_ext.sq_grad_embedding
     return op(ids2, g3, num_embeddings, padding_idx, group, num_groups, sample_weight)
 
 
 def _embedding_fake(ids, grad_out, num_embeddings, padding_idx, group, num_groups, sample_weight):
-    return grad_out.new_empty(
-        (num_groups, num_embeddings, grad_out.shape[-1]), dtype=accum_dtype(grad_out.dtype)
-    )
+    return grad_out.new_empty((num_groups, num_embeddings, grad_out.shape[-1]), dtype=accum_dtype(grad_out.dtype))
 
 
 def embedding_row_sums(ids2: torch.Tensor, g3: torch.Tensor, num_embeddings: int, padding_idx: int | None):
@@ -624,11 +618,7 @@ def _embedding_backward(ctx, grad_f):
     gw = None
     if needs[6]:
         per_pair = (gfr * sums * sums).sum(1)
-        gw = (
-            torch.zeros(B, dtype=acc, device=ids.device)
-            .index_add_(0, sample, per_pair)
-            .to(sample_weight.dtype)
-        )
+        gw = torch.zeros(B, dtype=acc, device=ids.device).index_add_(0, sample, per_pair).to(sample_weight.dtype)
     return None, gg, None, None, None, None, gw
 
 
@@ -642,9 +632,7 @@ def _register_compiled_ops() -> None:
     lib = "unlearn_ext::"
     torch.library.register_fake(lib + "sq_grad_linear")(_linear_fake)
     torch.library.register_fake(lib + "sq_grad_linear_")(lambda *args: None)
-    torch.library.register_autograd(
-        lib + "sq_grad_linear", _linear_backward, setup_context=_linear_setup_context
-    )
+    torch.library.register_autograd(lib + "sq_grad_linear", _linear_backward, setup_context=_linear_setup_context)
     torch.library.register_fake(lib + "sq_grad_conv2d")(_conv_fake)
     torch.library.register_fake(lib + "sq_grad_conv2d_")(lambda *args: None)
     torch.library.register_autograd(lib + "sq_grad_conv2d", _conv_backward, setup_context=_conv_setup_context)
