@@ -35,19 +35,26 @@ def triton_interpret_set() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_cpu_available() -> bool:
-    """Triton is importable and its interpreter runs kernels on CPU tensors (TRITON_INTERPRET=1)."""
+def triton_device() -> str:
+    """Where the Triton tests run: CPU tensors under TRITON_INTERPRET=1, else the GPU when there is one."""
+    if triton_interpret_set() or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def triton_available_here() -> bool:
+    """Triton is importable and can run on :func:`triton_device` (interpreter on CPU, or a GPU)."""
     from unlearn_ext._triton import HAS_TRITON
 
-    return HAS_TRITON and triton_interpret_set()
+    return HAS_TRITON and (triton_interpret_set() or torch.cuda.is_available())
 
 
-def triton_cpu_unavailable_reason() -> str:
+def triton_unavailable_reason() -> str:
     from unlearn_ext._triton import HAS_TRITON, TRITON_IMPORT_ERROR
 
     if not HAS_TRITON:
         return f"Triton is not importable ({TRITON_IMPORT_ERROR})"
-    return "TRITON_INTERPRET=1 is not set (it must be exported before Python starts)"
+    return "TRITON_INTERPRET=1 is not set (it must be exported before Python starts) and there is no GPU"
 
 
 def cuda_available() -> bool:
@@ -56,6 +63,8 @@ def cuda_available() -> bool:
 
 def backend_device(backend: str) -> str:
     """The device whose tensors ``backend`` runs on in this test suite."""
+    if backend == "triton":
+        return triton_device()
     return "cuda" if backend == "cuda" else "cpu"
 
 

@@ -3,7 +3,7 @@
 Markers (in addition to ``triton``, ``cuda``, ``slow`` and ``hf`` from pyproject.toml):
 
 * ``requires_cpp``: the compiled C++ CPU kernels are loaded (``_loader.has_kernel``);
-* ``requires_triton_cpu``: Triton is importable and ``TRITON_INTERPRET=1`` is set;
+* ``requires_triton``: Triton is importable and runs here (``TRITON_INTERPRET=1`` on CPU, or a GPU);
 * ``requires_cuda``: a CUDA device is available (tests marked ``cuda`` get this check too).
 """
 
@@ -20,14 +20,14 @@ from _utils import (
     cpp_available,
     cpp_unavailable_reason,
     cuda_available,
-    triton_cpu_available,
-    triton_cpu_unavailable_reason,
+    triton_available_here,
     triton_interpret_set,
+    triton_unavailable_reason,
 )
 
 _MARKERS = {
     "requires_cpp": "needs the compiled C++ CPU kernels of unlearn_ext",
-    "requires_triton_cpu": "needs Triton and TRITON_INTERPRET=1 (Triton kernels on CPU tensors)",
+    "requires_triton": "needs Triton on CPU tensors (TRITON_INTERPRET=1) or on a GPU",
     "requires_cuda": "needs a CUDA device",
 }
 
@@ -61,7 +61,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     checks = {
         "requires_cpp": (cpp_available, cpp_unavailable_reason),
-        "requires_triton_cpu": (triton_cpu_available, triton_cpu_unavailable_reason),
+        "requires_triton": (triton_available_here, triton_unavailable_reason),
         "requires_cuda": (cuda_available, lambda: "no CUDA device is available"),
         "cuda": (cuda_available, lambda: "no CUDA device is available"),
     }

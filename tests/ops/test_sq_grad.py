@@ -42,7 +42,7 @@ OPS = torch.ops.unlearn_ext
 _BACKEND_MARKS = {
     "auto": [pytest.mark.requires_cpp],
     "cpp": [pytest.mark.requires_cpp],
-    "triton": [pytest.mark.triton, pytest.mark.requires_triton_cpu],
+    "triton": [pytest.mark.triton, pytest.mark.requires_triton],
     "cuda": [pytest.mark.cuda, pytest.mark.requires_cuda],
     "reference": [],
 }
@@ -803,11 +803,14 @@ def test_linear_bad_input(case, backend):
         sq_grad_linear(*args, backend=backend, **kw)
 
 
-@pytest.mark.requires_triton_cpu
+@pytest.mark.requires_triton
 @pytest.mark.triton
 def test_triton_rejects_per_sample_algorithm():
+    dev = backend_device("triton")
     with pytest.raises(ValueError, match="algorithm='per_sample' is not a Triton kernel"):
-        sq_grad_linear(torch.randn(2, 3, 4), torch.randn(2, 3, 5), backend="triton", algorithm="per_sample")
+        sq_grad_linear(
+            torch.randn(2, 3, 4, device=dev), torch.randn(2, 3, 5, device=dev), backend="triton", algorithm="per_sample"
+        )
 
 
 def test_unknown_backend_raises():
@@ -965,7 +968,7 @@ print("RESULT " + json.dumps(res))
 
 
 @pytest.mark.triton
-@pytest.mark.requires_triton_cpu
+@pytest.mark.requires_triton
 def test_triton_inplace_op_validates_out():
     proc = _run_python(_TRITON_RAW_OUT_SCRIPT, {"TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, f"the process died (rc={proc.returncode}): {proc.stderr[-500:]}"
@@ -1458,9 +1461,10 @@ def _opcheck_samples():
         )
 
     samples = []
-    for base, marks in (
-        ("", [pytest.mark.requires_cpp]),
-        ("_triton", [pytest.mark.triton, pytest.mark.requires_triton_cpu]),
+    for base, device, marks in (
+        ("", "cpu", [pytest.mark.requires_cpp]),
+        ("", "cuda", [pytest.mark.cuda, pytest.mark.requires_cuda]),
+        ("_triton", "triton", [pytest.mark.triton, pytest.mark.requires_triton]),
     ):
         for name, build, grads in (
             ("sq_grad_linear", lin, (False, True)),
@@ -1474,15 +1478,24 @@ def _opcheck_samples():
         ):
             op = name[:-1] + base + "_" if name.endswith("_") else name + base
             for rg in grads:
-                samples.append(
-                    pytest.param(op, build, rg, marks=marks, id=f"{op}-{build.__name__}-{'grad' if rg else 'nograd'}")
-                )
+                tag = f"{op}-{device}-{build.__name__}-{'grad' if rg else 'nograd'}"
+                samples.append(pytest.param(op, build, rg, device, marks=marks, id=tag))
     return samples
 
 
-@pytest.mark.parametrize(("op", "build", "requires_grad"), _opcheck_samples())
-def test_opcheck(op, build, requires_grad):
-    torch.library.opcheck(getattr(OPS, op), build(requires_grad))
+def _on_device(args: tuple, device: str) -> tuple:
+    """The sample's tensors on ``device`` (leaves keep their requires_grad)."""
+    return tuple(
+        a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    )
+
+
+@pytest.mark.parametrize(("op", "build", "requires_grad", "device"), _opcheck_samples())
+def test_opcheck(op, build, requires_grad, device):
+    device = backend_device("triton") if device == "triton" else device
+    if device == "cuda" and not op.endswith(("_triton", "_triton_")) and not _loader.has_kernel(op.rstrip("_"), "cuda"):
+        pytest.skip("unlearn_ext was built without CUDA kernels")
+    torch.library.opcheck(getattr(OPS, op), _on_device(build(requires_grad), device))
 
 
 # ============================================================================================
@@ -1499,7 +1512,7 @@ def test_opcheck(op, build, requires_grad):
         pytest.param(
             "linear",
             "triton",
-            marks=[pytest.mark.triton, pytest.mark.requires_triton_cpu],
+            marks=[pytest.mark.triton, pytest.mark.requires_triton],
             id="linear-triton",
         ),
     ],
@@ -1527,6 +1540,7 @@ def test_compile_fullgraph(op, backend):
             return sq_grad_embedding(ids, g, 5, padding_idx=0, backend=backend)
 
         expected = _ref_embedding(*args, 5, padding_idx=0)
+    args = _on_device(args, backend_device(backend))
     eager = fn(*args)
     compiled = torch.compile(fn, fullgraph=True)(*args)
     assert_results_close(compiled, eager, 1e-6, what="compiled vs eager")
