@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -10,11 +11,14 @@ import torch.nn as nn
 
 from unlearn_ext.fisher import causal_lm_targets, diagonal_fisher, per_sample_cross_entropy
 
+# benchmarks/gpu_check.sh sets UNLEARN_EXT_TEST_DEVICE=cuda to run the model tests on the GPU kernels.
+DEVICE = torch.device(os.environ.get("UNLEARN_EXT_TEST_DEVICE", "cpu"))
+
 
 def loop_fisher(model, batches, *, num_groups=1, group_of=None, loss_fn=per_sample_cross_entropy, params=None):
     """sum over samples of (d loss_b / d theta)**2, one autograd backward per sample, float64."""
     named = {n: p for n, p in model.named_parameters() if params is None or n in params}
-    out = {n: torch.zeros(num_groups, *p.shape, dtype=torch.float64) for n, p in named.items()}
+    out = {n: torch.zeros(num_groups, *p.shape, dtype=torch.float64, device=p.device) for n, p in named.items()}
     for inputs, targets in batches:
         for b in range(targets.shape[0]):
             inp = {k: v[b : b + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[b : b + 1]
@@ -31,7 +35,7 @@ def loop_fisher(model, batches, *, num_groups=1, group_of=None, loss_fn=per_samp
 def assert_fisher_close(actual, expected, rtol):
     assert set(actual) == set(expected), (sorted(actual), sorted(expected))
     for name, exp in expected.items():
-        got = actual[name].double()
+        got, exp = actual[name].double().cpu(), exp.cpu()
         assert got.shape == exp.shape, (name, got.shape, exp.shape)
         scale = exp.abs().max().clamp_min(1e-30)
         err = ((got - exp).abs().max() / scale).item()
@@ -55,11 +59,14 @@ def small_cnn() -> nn.Module:
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.normal_()
         bn.bias.normal_()
-    return model.eval().double()
+    return model.eval().double().to(DEVICE)
 
 
 def cnn_batches(n=2, b=5):
-    return [(torch.randn(b, 1, 14, 14, dtype=torch.float64), torch.randint(0, 10, (b,))) for _ in range(n)]
+    return [
+        (torch.randn(b, 1, 14, 14, dtype=torch.float64, device=DEVICE), torch.randint(0, 10, (b,), device=DEVICE))
+        for _ in range(n)
+    ]
 
 
 def tiny_llama(tied: bool):
@@ -75,7 +82,7 @@ def tiny_llama(tied: bool):
         max_position_embeddings=64,
     )
     torch.manual_seed(2)
-    return transformers.LlamaForCausalLM(cfg).eval().double()
+    return transformers.LlamaForCausalLM(cfg).eval().double().to(DEVICE)
 
 
 def test_cnn_matches_per_sample_loop():
@@ -88,9 +95,10 @@ def test_cnn_per_class_fisher_in_one_pass_equals_per_class_loop():
     fisher, counts = diagonal_fisher(model, batches, groups="targets", num_groups=10, return_counts=True)
     expected = loop_fisher(model, batches, num_groups=10, group_of=lambda t: t)
     assert_fisher_close(fisher, expected, 1e-10)
-    labels = torch.cat([t for _, t in batches])
+    labels = torch.cat([t for _, t in batches]).cpu()
     assert torch.equal(counts, torch.bincount(labels, minlength=10))
     # and it equals running the pass once per class on that class's samples only
+    labels = labels.to(DEVICE)
     for k in labels.unique().tolist()[:3]:
         only_k = [(x[t == k], t[t == k]) for x, t in batches if (t == k).any()]
         per_k = diagonal_fisher(model, only_k)
@@ -134,7 +142,7 @@ def test_batch_granularity_with_groups_squares_each_groups_gradient():
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_llama_matches_per_sample_loop(tied):
     model = tiny_llama(tied)
-    ids = torch.randint(0, 97, (3, 9))
+    ids = torch.randint(0, 97, (3, 9), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0  # a padded sample
     batches = [({"input_ids": ids, "attention_mask": mask}, causal_lm_targets(ids, mask))]
@@ -212,7 +220,7 @@ def test_sampled_labels_are_seeded_and_equal_empirical_fisher_of_the_draws():
     x, _ = batches[0]
     with torch.no_grad():
         probs = torch.softmax(model(x).float(), -1)
-    draws = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7)).view(-1)
+    draws = torch.multinomial(probs.cpu(), 1, generator=torch.Generator().manual_seed(7)).view(-1).to(DEVICE)
     assert_fisher_close(a, loop_fisher(model, [(x, draws)]), 1e-10)
 
 
