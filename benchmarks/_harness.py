@@ -64,6 +64,7 @@ __all__ = [
     "rss_probe_status",
     "synchronize",
     "time_fn",
+    "wait_for_idle",
     "write_json",
 ]
 
@@ -319,6 +320,7 @@ def configure_memory_subprocess(method: str = "forkserver", preload: Iterable[st
 def _rss_child(conn, factory, spec, warmup: bool, num_threads: int) -> None:
     """Child body of :func:`peak_rss_in_subprocess`: sends a dict back through ``conn``."""
     try:
+        gc.freeze()  # objects inherited from the server are not garbage: keep gc.collect() fast
         torch.set_num_threads(num_threads)
         fn = factory(spec)  # builds the inputs from the spec's seed, outside the measurement
         if warmup:
@@ -370,9 +372,7 @@ def peak_rss_in_subprocess(
         configure_memory_subprocess()
     ctx = _MEM_CONTEXT
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_rss_child, args=(send, factory, spec, warmup, torch.get_num_threads()), daemon=True
-    )
+    proc = ctx.Process(target=_rss_child, args=(send, factory, spec, warmup, torch.get_num_threads()), daemon=True)
     proc.start()
     send.close()
     msg = None
@@ -384,6 +384,8 @@ def peak_rss_in_subprocess(
             timed_out = True
     except EOFError:  # the child died without sending anything
         msg = None
+    if msg is not None and proc.is_alive():
+        proc.kill()  # it has reported; skip its interpreter teardown (a few hundred ms)
     proc.join(timeout=30)
     if proc.is_alive():
         proc.kill()
@@ -484,18 +486,33 @@ def cpu_snapshot() -> dict[str, float] | None:
     }
 
 
-def other_cpu_load(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
+def other_cpu_load(
+    start: dict[str, float] | None, end: dict[str, float] | None, min_window_s: float = 0.25
+) -> float | None:
     """Fraction of all CPUs that OTHER processes kept busy between two :func:`cpu_snapshot` calls.
 
-    Benchmarks on a shared machine are only meaningful when this is small (say below 0.1).
+    Benchmarks on a shared machine are only meaningful when this is small (say below 0.1). None
+    for windows shorter than ``min_window_s`` (the counters tick every 10 ms, too coarse there).
     """
     if not start or not end:
         return None
     wall = end["wall"] - start["wall"]
-    if wall <= 0:
+    if wall < min_window_s:
         return None
     others = (end["machine_busy_s"] - start["machine_busy_s"]) - (end["own_s"] - start["own_s"])
     return max(0.0, others / (wall * (os.cpu_count() or 1)))
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.1, window_s: float = 3.0) -> float | None:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``threshold`` of the CPUs
+    over a ``window_s`` window; returns the last measured fraction (None where unmeasurable)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        start = cpu_snapshot()
+        time.sleep(window_s)
+        load = other_cpu_load(start, cpu_snapshot())
+        if load is None or load < threshold or time.monotonic() >= deadline:
+            return load
 
 
 def _cpu_model() -> str:
@@ -511,9 +528,7 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -599,7 +614,29 @@ def format_float(value: float | None, digits: int = 3, *, suffix: str = "") -> s
 def _console():
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 180)
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _plain_table(title, columns, rows, caption, section_by) -> None:
+    """Fallback of :func:`print_table` where rich is not installed (e.g. a bare GPU machine)."""
+    names = [c if isinstance(c, str) else c[0] for c in columns]
+    right = [isinstance(c, str) or c[1] == "right" for c in columns]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if rj else c.ljust(w) for c, w, rj in zip(cells, widths, right, strict=True))
+
+    print(title)
+    print(line(names))
+    print("  ".join("-" * w for w in widths))
+    prev = None
+    for r in rows:
+        if section_by is not None and prev is not None and r[section_by] != prev:
+            print()
+        prev = r[section_by] if section_by is not None else None
+        print(line(r))
+    if caption:
+        print(caption)
 
 
 def print_table(
@@ -610,22 +647,25 @@ def print_table(
     caption: str | None = None,
     section_by: int | None = None,
 ) -> None:
-    """Print a rich table; a column may be ``(name, justify)``; ``section_by`` draws a line
-    whenever the value of that column changes."""
-    from rich.table import Table
-
+    """Print a table (rich, or plain text without it); a column may be ``(name, justify)``;
+    ``section_by`` draws a line whenever the value of that column changes."""
+    cells = [["" if c is None else str(c) for c in row] for row in rows]
+    try:
+        from rich.table import Table
+    except ImportError:
+        _plain_table(title, columns, cells, caption, section_by)
+        return
     table = Table(title=title, caption=caption, caption_justify="left", header_style="bold")
     for col in columns:
         name, justify = (col, "right") if isinstance(col, str) else col
         table.add_column(name, justify=justify, overflow="fold")
-    prev = object()
-    for row in rows:
-        cells = ["" if c is None else str(c) for c in row]
+    prev = None
+    for row in cells:
         if section_by is not None:
-            if prev is not object() and cells[section_by] != prev and table.row_count:
+            if prev is not None and row[section_by] != prev:
                 table.add_section()
-            prev = cells[section_by]
-        table.add_row(*cells)
+            prev = row[section_by]
+        table.add_row(*row)
     _console().print(table)
 
 
