@@ -157,7 +157,7 @@ void bias_accumulate(const at::Tensor& g3, const SamplePlan& plan, at::Tensor& b
 
 void check_finite_result(const at::Tensor& out, const char* name) {
   if (out.numel() == 0) return;
-  TORCH_CHECK_VALUE(at::isfinite(out.sum(at::kDouble)).item<bool>(), name,
+  TORCH_CHECK_VALUE(all_finite(out), name,
                     " has non-finite values after accumulation: an input (x, grad_out or a previous `out`) contains "
                     "NaN or inf, or the squared gradients overflow ", out.scalar_type(),
                     "; an `out` passed in now holds those values");
@@ -290,7 +290,30 @@ void sq_grad_conv2d_accumulate(const at::Tensor& x, const at::Tensor& grad_out, 
   const int64_t S = plan.order.numel();
   auto out3 = out.view({num_groups, c_out, D});
   auto g_flat = grad_out.reshape({B, c_out, L});
-  if (S > 0 && L > 0) {
+  const auto algo = algorithm == "auto" && L >= backend.conv_per_sample_min_tokens
+                        ? std::string("per_sample")
+                        : resolve_algorithm(algorithm, L, backend);
+  if (S > 0 && L > 0 && algo == "per_sample") {
+    // One weight-gradient convolution per sample (oneDNN / cuDNN implicit GEMM: no im2col at all).
+    auto order = plan.order.to(at::kCPU);
+    auto weight = plan.weight.to(at::kCPU).to(at::kDouble);
+    const auto order_a = order.accessor<int64_t, 1>();
+    const auto weight_a = weight.accessor<double, 1>();
+    const auto seg = plan.seg_start_cpu.accessor<int64_t, 1>();
+    auto w_proto = at::empty(weight_shape, x.options().dtype(acc));
+    for (int64_t k = 0; k + 1 < seg.size(0); ++k) {
+      auto out_k = out.select(0, k);
+      for (int64_t j = seg[k]; j < seg[k + 1]; ++j) {
+        auto xs = x.narrow(0, order_a[j], 1).to(acc);
+        auto gs = grad_out.narrow(0, order_a[j], 1).to(acc);
+        auto grads = at::convolution_backward(gs, xs, w_proto, c10::nullopt, stride, padding, dilation,
+                                              /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                              {false, true, false});
+        const auto& p = std::get<1>(grads);
+        out_k.addcmul_(p, p, weight_a[j]);
+      }
+    }
+  } else if (S > 0 && L > 0) {
     const int64_t elem = x.element_size();
     const int64_t per_sample = (groups * D * L + x.size(1) * x.size(2) * x.size(3)) * elem;
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes * 2 / std::max<int64_t>(per_sample, 1));
@@ -305,7 +328,7 @@ void sq_grad_conv2d_accumulate(const at::Tensor& x, const at::Tensor& grad_out, 
         auto x3 = cols.narrow(1, gi * D, D).transpose(1, 2);  // [c, L, D]
         auto g3 = gs.narrow(1, gi * co_g, co_g).transpose(1, 2);  // [c, L, C_out/groups]
         auto o3 = out3.narrow(1, gi * co_g, co_g);
-        accumulate_with_plan(x3, g3, sub, o3, algorithm, backend);
+        accumulate_with_plan(x3, g3, sub, o3, algo, backend);
       }
     }
   }
@@ -384,8 +407,10 @@ EmbeddingPlan make_embedding_plan(const at::Tensor& ids, int64_t num_embeddings,
     flat_pos = flat_pos.masked_select(keep);
     flat_tok = flat_tok.masked_select(keep);
   }
-  // Sort by (sample position, id): runs of equal keys are one sample's occurrences of one id.
-  auto key = flat_pos * num_embeddings + flat_ids;
+  // Sort by (output row = group * V + id, sample position): runs of equal keys are one sample's
+  // occurrences of one id, and all runs that update one output row are adjacent.
+  auto row = ep.samples.group.index_select(0, flat_pos) * num_embeddings + flat_ids;
+  auto key = row * std::max<int64_t>(S, 1) + flat_pos;
   auto perm = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   ep.token_order = flat_tok.index_select(0, perm);
   ep.sorted_ids = flat_ids.index_select(0, perm);

@@ -15,7 +15,10 @@ namespace {
 // (at T = 1 it runs the single GEMM (G*G)^T (X*X) on squared operands); longer samples use one
 // BLAS GEMM per sample, which is as fast there and needs no packing of a whole sample.
 // Measured at d_in=512, d_out=1024, 8192 tokens, 2 threads (benchmarks/bench_fisher.py).
-const SqGradBackend kCpuBackend{&segmented_cpu, /*hadamard_max_tokens=*/0, /*segmented_max_tokens=*/512};
+// Conv2d: one oneDNN weight-gradient convolution per sample from 32 output positions up (at
+// H_out*W_out = 16 the im2col + segmented path is faster; at 64 and more the per-sample convolution).
+const SqGradBackend kCpuBackend{&segmented_cpu, /*hadamard_max_tokens=*/0, /*segmented_max_tokens=*/512,
+                                /*conv_per_sample_min_tokens=*/32};
 
 std::tuple<at::Tensor, at::Tensor> sq_grad_linear_cpu(const at::Tensor& x, const at::Tensor& grad_out,
                                                       const c10::optional<at::Tensor>& group, int64_t num_groups,

@@ -266,6 +266,24 @@ struct PackOp {
                  int64_t panel_stride, S* __restrict dst, PackOp op) {                                     \
     const S* scale = static_cast<const S*>(op.scale);                                                      \
     const int64_t n_panels = (d + W - 1) / W;                                                              \
+    bool consecutive = stride != 1;                                                                        \
+    for (int64_t t = tok0 + 1; consecutive && t < tok1; ++t) consecutive = rows[t] == rows[t - 1] + 1;      \
+    if (consecutive) {                                                                                     \
+      /* token-contiguous rows (conv's im2col columns): walk each feature along the tokens */              \
+      const In* __restrict base = rows[tok0];                                                              \
+      for (int64_t p = 0; p < n_panels; ++p) {                                                             \
+        const int64_t n = std::min<int64_t>(W, d - p * W);                                                 \
+        S* __restrict panel = dst + p * panel_stride + tok0 * W;                                           \
+        for (int64_t c = 0; c < W; ++c) {                                                                  \
+          const In* __restrict col = base + (p * W + c) * stride;                                          \
+          for (int64_t t = 0; t < tok1 - tok0; ++t) {                                                      \
+            const S v = c < n ? static_cast<S>(col[t]) : S(0);                                             \
+            panel[t * W + c] = op.square ? v * v * (scale != nullptr ? scale[tok0 + t] : S(1)) : v;        \
+          }                                                                                                \
+        }                                                                                                  \
+      }                                                                                                    \
+      return;                                                                                              \
+    }                                                                                                      \
     for (int64_t p = 0; p < n_panels; ++p) {                                                               \
       const int64_t n = std::min<int64_t>(W, d - p * W);                                                   \
       S* __restrict panel = dst + p * panel_stride;                                                        \
@@ -509,7 +527,7 @@ void process_range(const Problem<S, In>& P, int64_t p0, int64_t p1, S* F, int64_
       grows[tok] = P.gb + b * P.gs0 + t * P.gs1;
       xrows[tok] = P.xb + b * P.xs0 + t * P.xs1;
     }
-    constexpr int64_t kPackBlock = 8;
+    const int64_t kPackBlock = P.xs1 == 1 || P.gs1 == 1 ? 32 : 8;  // token-contiguous rows: longer runs
     for_range(threaded, (ntok + kPackBlock - 1) / kPackBlock, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t t0 = blk * kPackBlock, t1 = std::min(ntok, t0 + kPackBlock);

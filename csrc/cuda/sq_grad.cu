@@ -542,7 +542,10 @@ namespace {
 
 // algorithm="auto" on CUDA: T = 1 goes to the Hadamard path ((G*G)^T (X*X): one cuBLAS GEMM on squared
 // operands per chunk of samples); every longer sequence to the segmented kernel above.
-const SqGradBackend kCudaBackend{&segmented_cuda, /*hadamard_max_tokens=*/1, /*segmented_max_tokens=*/int64_t{1} << 40};
+// (Conv2d always goes through the segmented kernel here: one cuDNN call per sample launches too little
+// work per call. To be revisited with GPU measurements.)
+const SqGradBackend kCudaBackend{&segmented_cuda, /*hadamard_max_tokens=*/1, /*segmented_max_tokens=*/int64_t{1} << 40,
+                                 /*conv_per_sample_min_tokens=*/int64_t{1} << 40};
 
 std::tuple<at::Tensor, at::Tensor> sq_grad_linear_cuda(const at::Tensor& x, const at::Tensor& grad_out,
                                                        const c10::optional<at::Tensor>& group, int64_t num_groups,

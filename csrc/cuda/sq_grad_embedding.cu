@@ -105,7 +105,7 @@ void sq_grad_embedding_accumulate_cuda(const at::Tensor& ids, const at::Tensor& 
     });
   }
   if (out.numel() > 0) {
-    TORCH_CHECK_VALUE(at::isfinite(out.sum(at::kDouble)).item<bool>(),
+    TORCH_CHECK_VALUE(all_finite(out),
                       "out has non-finite values after accumulation: grad_out (or a previous `out`) contains NaN or "
                       "inf, or the squared gradients overflow");
   }

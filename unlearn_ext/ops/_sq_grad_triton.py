@@ -245,7 +245,7 @@ def _accumulate_linear(x3, g3, order, weight, seg, out3, algorithm):
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         raise ValueError(
             f"{name} has non-finite values after accumulation: an input (x, grad_out or a previous `out`) "
             "contains NaN or inf, or the squared gradients overflow; an `out` passed in now holds those values"

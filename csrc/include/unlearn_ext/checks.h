@@ -23,6 +23,14 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimensions ", layout, ", got shape ", t.sizes());
 }
 
+// True when no element is NaN or +-inf: one min/max reduction (NaN propagates), no temporary the
+// size of `t` (so it is cheap enough to run on every accumulator after every call).
+inline bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  auto mm = at::aminmax(t);
+  return at::isfinite(std::get<0>(mm)).item<bool>() && at::isfinite(std::get<1>(mm)).item<bool>();
+}
+
 // The accumulator dtype for an input dtype: float64 stays float64, everything else sums in float32.
 inline at::ScalarType accum_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

@@ -35,10 +35,13 @@ using SegmentedKernel = void (*)(const at::Tensor& x3, const at::Tensor& g3, con
 // What a device offers: its segmented kernel and the shape policy of algorithm="auto"
 // (T <= hadamard_max_tokens: Hadamard expansion; else T <= segmented_max_tokens: segmented;
 // else one GEMM per sample).
+// Conv2d with algorithm="auto" runs one weight-gradient convolution per sample (oneDNN / cuDNN
+// implicit GEMM, no im2col) when H_out * W_out >= conv_per_sample_min_tokens.
 struct SqGradBackend {
   SegmentedKernel segmented;
   int64_t hadamard_max_tokens;
   int64_t segmented_max_tokens;
+  int64_t conv_per_sample_min_tokens;
 };
 
 // The full linear accumulation, with algorithm choice ("auto" | "segmented" | "hadamard" | "per_sample").
@@ -68,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> sq_grad_conv2d_functional(
 
 // Embedding: validation and the (sample, id) ordering shared by the CPU and CUDA kernels.
 struct EmbeddingPlan {
-  at::Tensor token_order;  // int64 [M]: flat token indices (b * T + t) sorted by (plan position, id); padding dropped
+  at::Tensor token_order;  // int64 [M]: flat token indices (b * T + t) sorted by (group * V + id, plan
+                           // position); padding dropped
   at::Tensor sorted_ids;   // int64 [M]: ids in that order
   at::Tensor token_sample; // int64 [M]: position in SamplePlan::order of each token's sample
   SamplePlan samples;
