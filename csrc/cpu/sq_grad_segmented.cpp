@@ -398,6 +398,12 @@ void pack_rows(const char* isa, const In* const* rows, int64_t tok0, int64_t tok
   }
 }
 
+inline void prefetch_l1(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 1, 3);
+#endif
+}
+
 // A run of same-group samples: plan positions [s0, s1), all in group k.
 struct Run {
   int64_t s0, s1, k;
@@ -552,6 +558,13 @@ void process_range(const Problem<S, In>& P, int64_t p0, int64_t p1, S* F, int64_
           for (int64_t op = ob * kOPanelsPerBlock; op < op_end; ++op) {
             const int64_t o0 = op * MR, nrows = std::min<int64_t>(MR, P.d_out - o0);
             m.goff = op * super_tokens * MR;
+            if (op + 1 < op_end) {  // the next tile's F rows, while this tile computes
+              const S* next = F + (ch.runs[ch.first_run[c]].k - k0) * fk + (o0 + MR) * fo + i0;
+              for (int64_t rr = 0; rr < std::min<int64_t>(MR, P.d_out - o0 - MR); ++rr) {
+                prefetch_l1(next + rr * fo);
+                prefetch_l1(next + rr * fo + NR - 1);
+              }
+            }
             for (int64_t r = ch.first_run[c]; r < ch.first_run[c + 1]; ++r) {
               const Run& run = ch.runs[r];
               m.gbase = gbase.data() + (run.s0 - j0);
