@@ -387,6 +387,15 @@ void check_embedding_args(const at::Tensor& ids, const at::Tensor& grad_out, int
   check_group_and_weight(group, num_groups, sample_weight, ids.size(0), ids.device());
 }
 
+at::Tensor embedding_output(const at::Tensor& grad_out, int64_t num_embeddings, int64_t num_groups) {
+  check_float_dtype(grad_out, "grad_out");
+  TORCH_CHECK_VALUE(num_groups >= 1, "num_groups must be at least 1, got ", num_groups);
+  check_dim(grad_out, 3, "grad_out", "[B, T, d]");
+  TORCH_CHECK_VALUE(num_embeddings > 0, "num_embeddings must be positive, got ", num_embeddings);
+  return at::zeros({num_groups, num_embeddings, grad_out.size(2)},
+                   grad_out.options().dtype(accum_dtype(grad_out.scalar_type())));
+}
+
 EmbeddingPlan make_embedding_plan(const at::Tensor& ids, int64_t num_embeddings, const c10::optional<int64_t>& padding_idx,
                                   const c10::optional<at::Tensor>& group, int64_t num_groups,
                                   const c10::optional<at::Tensor>& sample_weight, at::ScalarType acc_dtype) {

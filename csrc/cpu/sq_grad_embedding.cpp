@@ -114,11 +114,7 @@ void sq_grad_embedding_accumulate_cpu(const at::Tensor& ids, const at::Tensor& g
 at::Tensor sq_grad_embedding_cpu(const at::Tensor& ids, const at::Tensor& grad_out, int64_t num_embeddings,
                                  c10::optional<int64_t> padding_idx, const c10::optional<at::Tensor>& group,
                                  int64_t num_groups, const c10::optional<at::Tensor>& sample_weight) {
-  check_float_dtype(grad_out, "grad_out");
-  TORCH_CHECK_VALUE(num_groups >= 1, "num_groups must be at least 1, got ", num_groups);
-  check_dim(grad_out, 3, "grad_out", "[B, T, d]");
-  auto out = at::zeros({num_groups, num_embeddings, grad_out.size(2)},
-                       grad_out.options().dtype(accum_dtype(grad_out.scalar_type())));
+  auto out = embedding_output(grad_out, num_embeddings, num_groups);
   sq_grad_embedding_accumulate_cpu(ids, grad_out, num_embeddings, padding_idx, group, num_groups, sample_weight, out);
   return out;
 }

@@ -33,6 +33,15 @@ _CONV_CHUNK_BYTES = 16 << 20
 
 
 @triton.jit
+def _add_tile(out_ptr, sfo, offs_o, offs_i, mask_o, mask_i, tile):
+    """out[offs_o, offs_i] += tile (masked); the program owns this tile, so no atomics."""
+    ptrs = out_ptr + offs_o[:, None] * sfo + offs_i[None, :]
+    mask = mask_o[:, None] & mask_i[None, :]
+    prev = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, prev + tile, mask=mask)
+
+
+@triton.jit
 def _sq_grad_segmented_kernel(
     x_ptr, g_ptr, out_ptr, order_ptr, weight_ptr, seg_ptr,
     T, d_in, d_out,
@@ -73,10 +82,7 @@ def _sq_grad_segmented_kernel(
                 x = x.to(tl.float32)
             acc += tl.dot(g, x, input_precision=PRECISION, out_dtype=ACC)
         f += w * acc * acc
-    ptrs = out_ptr + k * sfk + offs_o[:, None] * sfo + offs_i[None, :]
-    mask = mask_o[:, None] & mask_i[None, :]
-    prev = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, prev + f, mask=mask)
+    _add_tile(out_ptr + k * sfk, sfo, offs_o, offs_i, mask_o, mask_i, f)
 
 
 @triton.jit
@@ -114,10 +120,7 @@ def _sq_grad_pairs_kernel(
         a = g1 * g2 * c[None, :].to(ACC)
         bx = x1 * x2
         acc += tl.dot(a, bx, input_precision=PRECISION, out_dtype=ACC)
-    ptrs = out_ptr + k * sfk + offs_o[:, None] * sfo + offs_i[None, :]
-    mask = mask_o[:, None] & mask_i[None, :]
-    prev = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, prev + acc, mask=mask)
+    _add_tile(out_ptr + k * sfk, sfo, offs_o, offs_i, mask_o, mask_i, acc)
 
 
 @triton.jit

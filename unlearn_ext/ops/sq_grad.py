@@ -375,8 +375,10 @@ def sq_grad_conv2d(
         group, num_groups, sample_weight, with_bias, out, backend, algorithm: as :func:`sq_grad_linear`.
 
     Returns:
-        ``F [K, C_out, C_in/groups, kh, kw]`` (and ``F_bias [K, C_out]``). The convolution is
-        lowered to im2col of a few samples at a time (never the whole batch) and the Linear kernels.
+        ``F [K, C_out, C_in/groups, kh, kw]`` (and ``F_bias [K, C_out]``). Never an im2col buffer of
+        the whole batch: on the CPU, layers with at least 32 output positions run one oneDNN
+        weight-gradient convolution per sample; smaller ones (and the CUDA/Triton kernels) lower a few
+        samples at a time to im2col columns and the Linear kernels.
     """
     ws, st, pd, dl = _conv_inputs(x, grad_out, weight_shape, stride, padding, dilation, groups)
     check_group_weight(group, num_groups, sample_weight, x.shape[0])

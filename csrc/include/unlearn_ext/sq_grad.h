@@ -82,6 +82,9 @@ void check_embedding_args(const at::Tensor& ids, const at::Tensor& grad_out, int
                           const c10::optional<int64_t>& padding_idx, const c10::optional<at::Tensor>& group,
                           int64_t num_groups, const c10::optional<at::Tensor>& sample_weight);
 
+// The zero-initialised output of the functional embedding op ([K, num_embeddings, d], accumulator dtype).
+at::Tensor embedding_output(const at::Tensor& grad_out, int64_t num_embeddings, int64_t num_groups);
+
 EmbeddingPlan make_embedding_plan(const at::Tensor& ids, int64_t num_embeddings, const c10::optional<int64_t>& padding_idx,
                                   const c10::optional<at::Tensor>& group, int64_t num_groups,
                                   const c10::optional<at::Tensor>& sample_weight, at::ScalarType acc_dtype);
