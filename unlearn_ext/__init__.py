@@ -11,10 +11,15 @@ __version__ = "0.1.0"
 from unlearn_ext import _loader  # noqa: F401  (loads _C before the ops register fake kernels)
 from unlearn_ext._loader import ExtensionNotBuiltError
 from unlearn_ext.fisher import diagonal_fisher
+from unlearn_ext.methods import UnlearnResult, available_methods, get_method, unlearn
 from unlearn_ext.ops import sq_grad_conv2d, sq_grad_embedding, sq_grad_linear
 
 __all__ = [
     "ExtensionNotBuiltError",
+    "UnlearnResult",
+    "available_methods",
+    "get_method",
+    "unlearn",
     "__version__",
     "diagonal_fisher",
     "sq_grad_conv2d",

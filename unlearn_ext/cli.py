@@ -1,29 +1,146 @@
-"""The ``unlearn`` command.
+"""The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method) and ``info``.
 
-Subcommands available now: ``info``. (``demo``, ``run`` and ``apply`` arrive with the methods and
-production issues; until then they are not listed.)
+``apply`` (checkpoint in, verified checkpoint out) arrives with the production issue.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+_SKIP_FLAGS = {"seed", "inplace", "progress", "classes", "codes"}
+
+
+def _flag_type(field: dataclasses.Field):
+    ann = str(field.type)
+    if "bool" in ann:
+        return lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+    for name, typ in (("int", int), ("float", float), ("str", str)):
+        if ann.startswith(name) or f"{name} |" in ann or f"| {name}" in ann:
+            return typ
+    return str
+
+
+def _hparam_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method hyperparameter: ``{field name: (field, [methods that have it])}``."""
+    from unlearn_ext.methods import available_methods, method_class
+
+    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for m in available_methods():
+        for f in dataclasses.fields(method_class(m)):
+            if f.init and f.name not in _SKIP_FLAGS:
+                out.setdefault(f.name, (f, []))[1].append(m)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist", help="bundled dataset (default mnist)")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture (default mlp, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, training and methods (default 0)")
+    p.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
+    p.add_argument("--fresh", action="store_true", help="retrain the cached original and retrained models")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn", description="Fast machine unlearning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the main job: every method on one forgotten MNIST class, table + report")
+    _add_common(demo, "unlearn-demo")
+    demo.add_argument("--forget-class", type=int, nargs="+", default=[0], metavar="K", help="class(es) to forget")
+    demo.add_argument("--methods", nargs="+", metavar="M", help="methods to run (default: all implemented)")
+
+    run = sub.add_parser("run", help="one method on a bundled dataset, evaluated against the retrained model")
+    from unlearn_ext.methods import available_methods
+
+    run.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
+    _add_common(run, "unlearn-run")
+    which = run.add_mutually_exclusive_group(required=True)
+    which.add_argument("--forget-class", type=int, nargs="+", metavar="K", help="class(es) to forget")
+    which.add_argument("--forget-fraction", type=float, metavar="F", help="forget a random fraction in (0, 1)")
+    hp = run.add_argument_group("method hyperparameters (each applies to the methods named)")
+    for name, (field, methods) in _hparam_fields().items():
+        hp.add_argument(
+            _flag(name),
+            dest=f"hp_{name}",
+            type=_flag_type(field),
+            default=argparse.SUPPRESS,
+            metavar=field.name.rstrip("_").upper(),
+            help=", ".join(methods),
+        )
+
     info = sub.add_parser("info", help="versions, build and the backends usable on each device")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
+def _run_and_report(spec, args) -> int:
+    from rich.console import Console
+
+    from unlearn_ext._progress import progress_session
+    from unlearn_ext.experiment import run_experiment
+    from unlearn_ext.report import print_table, write_report
+
+    t0 = time.perf_counter()
+    with progress_session(not args.no_progress):
+        report = run_experiment(spec, progress=not args.no_progress)
+    report["wall_seconds"] = time.perf_counter() - t0
+    print_table(report)
+    paths = write_report(report, args.out)
+    Console().print(f"wrote {', '.join(str(p) for p in paths)} in {report['wall_seconds']:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "info":
         from unlearn_ext import info
 
         return info.main(["--json"] if args.json else [])
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
+
+    from unlearn_ext.experiment import ExperimentSpec
+    from unlearn_ext.methods import method_class
+
+    common = {
+        "dataset": args.dataset,
+        "arch": args.model,
+        "seed": args.seed,
+        "fresh": args.fresh,
+        "use_cache": not args.no_cache,
+    }
+    try:
+        if args.command == "demo":
+            for m in args.methods or ():
+                method_class(m)
+            spec = ExperimentSpec(classes=tuple(args.forget_class), methods=tuple(args.methods or ()), **common)
+        else:
+            cls = method_class(args.method)
+            given = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
+            own = {f.name for f in dataclasses.fields(cls)}
+            foreign = sorted(_flag(k) for k in given if k not in own)
+            if foreign:
+                parser.error(f"method {args.method!r} has no hyperparameter(s) {', '.join(foreign)}")
+            spec = ExperimentSpec(
+                classes=tuple(args.forget_class) if args.forget_class else None,
+                fraction=args.forget_fraction,
+                methods=(args.method,),
+                hparams={args.method: given} if given else {},
+                **common,
+            )
+        return _run_and_report(spec, args)
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

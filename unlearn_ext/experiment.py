@@ -1,0 +1,150 @@
+"""One unlearning experiment on bundled data: train (or load from cache) the original model with
+mnemonic codes and the retrained reference, run methods, evaluate everything.
+
+Used by ``unlearn demo``, ``unlearn run`` and ``benchmarks/bench_methods.py``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import unlearn_ext
+from unlearn_ext._cache import cache_path
+from unlearn_ext._progress import progress_bar
+from unlearn_ext.data import ForgetSplit, load_dataset, make_forget_split
+from unlearn_ext.eval import evaluate
+from unlearn_ext.methods import available_methods, get_method
+from unlearn_ext.models import DEFAULT_TRAIN_CONFIGS, TrainConfig, load_checkpoint, save_checkpoint, train_classifier
+
+CLASS_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_class_test_acc", "retain_class_test_acc", "mia")
+
+
+@dataclass
+class ExperimentSpec:
+    """What to run. ``classes`` xor ``fraction`` selects the forget set (see :func:`make_forget_split`)."""
+
+    dataset: str = "mnist"
+    arch: str = "mlp"
+    classes: tuple[int, ...] | None = (0,)
+    fraction: float | None = None
+    seed: int = 0
+    methods: Sequence[str] = ()
+    hparams: dict[str, dict] = field(default_factory=dict)
+    train_config: TrainConfig | None = None
+    batch_size: int = 128
+    fresh: bool = False
+    use_cache: bool = True
+
+
+def _versions() -> dict:
+    import platform
+
+    return {"unlearn_ext": unlearn_ext.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _trained(
+    kind: str, spec: ExperimentSpec, split: ForgetSplit, idx: torch.Tensor | None, progress: bool
+) -> tuple[nn.Module, float, bool]:
+    """Train (or load from the cache) a model on the training samples ``idx`` (None: all).
+    Returns ``(model, training seconds as measured when it was trained, loaded_from_cache)``."""
+    ds = split.dataset
+    config = spec.train_config or DEFAULT_TRAIN_CONFIGS[spec.arch]
+    key = {
+        "kind": kind,
+        "dataset": ds.describe(),
+        "arch": spec.arch,
+        "train": config.to_dict(),
+        "seed": spec.seed,
+        "forget": split.describe() if kind == "retrain" else None,
+        "torch": torch.__version__.split("+")[0],
+        "format": 1,
+    }
+    path = cache_path(kind, key)
+    if spec.use_cache and not spec.fresh and path.is_file():
+        try:
+            model, record = load_checkpoint(path)
+            return model, float(record["metadata"]["train_seconds"]), True
+        except (ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"ignoring an unreadable cached model {path} ({e}); training again", stacklevel=2)
+    x, y = (ds.x_train, ds.y_train) if idx is None else (ds.x_train[idx], ds.y_train[idx])
+    t0 = time.perf_counter()
+    model = train_classifier(
+        spec.arch,
+        x,
+        y,
+        num_classes=ds.num_classes,
+        config=config,
+        seed=spec.seed if kind == "original" else spec.seed + 1000,
+        progress=progress,
+        description=f"train {kind} {spec.arch}",
+    )
+    seconds = time.perf_counter() - t0
+    if spec.use_cache:
+        save_checkpoint(model, path, metadata={"train_seconds": seconds, "key": key})
+    return model, seconds, False
+
+
+def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
+    """Run ``spec``; returns the report dict (DESIGN.md 5 shape, accuracies in [0, 1])."""
+    methods = list(spec.methods) or [m for m in available_methods() if m != "retrain"]
+    for name in spec.hparams:
+        if name not in methods:
+            raise ValueError(f"hyperparameters given for {name!r}, which is not among the methods run: {methods}")
+    unlearners = {name: get_method(name, seed=spec.seed, **spec.hparams.get(name, {})) for name in methods}
+    ds = load_dataset(spec.dataset, seed=spec.seed)
+    split = make_forget_split(ds, classes=spec.classes, fraction=spec.fraction, seed=spec.seed)
+    batches = split.batches(batch_size=spec.batch_size, seed=spec.seed)
+    eval_splits = {k: v for k, v in batches.items()}
+
+    original, original_seconds, original_cached = _trained("original", spec, split, None, progress)
+    retrained, retrain_seconds, retrain_cached = _trained("retrain", spec, split, split.retain_idx, progress)
+
+    rows: dict[str, dict] = {}
+    retrained_metrics = evaluate(retrained, eval_splits, seed=spec.seed)
+    rows["original"] = {
+        **evaluate(original, eval_splits, retrained=retrained_metrics, seed=spec.seed),
+        "seconds": original_seconds,
+        "cached": original_cached,
+    }
+    rows["retrain"] = {
+        **retrained_metrics,
+        "avg_gap": 0.0,
+        "seconds": retrain_seconds,
+        "speedup_vs_retrain": 1.0,
+        "cached": retrain_cached,
+    }
+    with progress_bar(len(unlearners), "methods", progress) as advance:
+        for name, method in unlearners.items():
+            method.progress = progress
+            t0 = time.perf_counter()
+            error = None
+            try:
+                model = method.unlearn(original, batches["forget"], batches["retain"])
+            except (ValueError, FloatingPointError, NotImplementedError) as e:
+                error = f"{type(e).__name__}: {e}"
+            seconds = time.perf_counter() - t0
+            if error is not None:
+                rows[name] = {"error": error, "seconds": seconds, "hparams": method.hparams()}
+            else:
+                rows[name] = {
+                    **evaluate(model, eval_splits, original=original, retrained=retrained_metrics, seed=spec.seed),
+                    "seconds": seconds,
+                    "speedup_vs_retrain": retrain_seconds / max(seconds, 1e-9),
+                    "hparams": method.hparams(),
+                }
+            advance(1, name)
+    return {
+        "dataset": ds.describe(),
+        "model": {**original.config, "train_config": (spec.train_config or DEFAULT_TRAIN_CONFIGS[spec.arch]).to_dict()},
+        "forget": split.describe(),
+        "seed": spec.seed,
+        "versions": _versions(),
+        "threads": torch.get_num_threads(),
+        "methods": rows,
+    }

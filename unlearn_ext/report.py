@@ -1,0 +1,114 @@
+"""Reports of ``unlearn demo`` / ``unlearn run``: ``report.json``, PNG plots and a rich table."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+from unlearn_ext.models.checkpoint import atomic_write_bytes
+
+TABLE_COLUMNS = (
+    ("forget_acc", "forget"),
+    ("forget_class_test_acc", "fgt-cls test"),
+    ("retain_acc", "retain"),
+    ("retain_class_test_acc", "kept-cls test"),
+    ("test_acc", "test"),
+    ("mia", "MIA"),
+    ("avg_gap", "gap"),
+)
+
+
+def write_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``report.json``, ``accuracy.png`` and ``time.png`` into ``out_dir`` (atomically each)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json"]
+    atomic_write_bytes(written[0], (json.dumps(report, indent=2, default=_jsonable) + "\n").encode())
+    written += _plots(report, out)
+    return written
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return str(v)
+
+
+def _plots(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = {k: v for k, v in report["methods"].items() if "error" not in v}
+    names = list(rows)
+    keys = [k for k, _ in TABLE_COLUMNS if k != "avg_gap" and any(k in r for r in rows.values())]
+    labels = dict(TABLE_COLUMNS)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
+    width = 0.8 / max(len(keys), 1)
+    x = np.arange(len(names))
+    for i, k in enumerate(keys):
+        ax.bar(x + i * width - 0.4 + width / 2, [rows[n].get(k, np.nan) for n in names], width, label=labels[k])
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    forget = report["forget"]
+    what = f"classes {forget['classes']}" if forget["kind"] == "class" else f"{forget['fraction']:.0%} of samples"
+    ax.set_title(f"{report['dataset']['name']} / {report['model']['arch']}: forgetting {what}")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4))
+    ax.bar(names, [max(rows[n]["seconds"], 1e-4) for n in names], color="tab:gray")
+    ax.set_yscale("log")
+    ax.set_ylabel("wall time (s, log)")
+    ax.set_title(f"wall time ({report.get('threads', '?')} threads)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "time.png"))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def print_table(report: dict) -> None:
+    """Print the methods table with rich (percentages; seconds; speed-up over retraining)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    forget = report["forget"]
+    what = f"classes {forget['classes']}" if forget["kind"] == "class" else f"{forget['fraction']:.0%} of samples"
+    table = Table(
+        title=f"{report['dataset']['name']} / {report['model']['arch']}, forgetting {what}, seed {report['seed']}"
+    )
+    table.add_column("method", no_wrap=True)
+    rows = report["methods"]
+    cols = [(k, label) for k, label in TABLE_COLUMNS if any(k in r for r in rows.values())]
+    for _, label in cols:
+        table.add_column(label, justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("x faster than retrain", justify="right")
+    for name, r in rows.items():
+        if "error" in r:
+            table.add_row(name, f"[red]{r['error']}[/red]", *[""] * (len(cols) + 1))
+            continue
+        cells = [f"{100 * r[k]:.1f}" if r.get(k) is not None else "-" for k, _ in cols]
+        speed = r.get("speedup_vs_retrain")
+        cached = " (cached)" if r.get("cached") else ""
+        table.add_row(name, *cells, f"{r['seconds']:.3g}{cached}", f"{speed:.3g}" if speed else "-")
+    Console(width=max(Console().width, 132)).print(table)
+    Console().print("accuracies and MIA in %, gap = mean |difference| to retrain (test, forget, MIA) in points")
