@@ -16,7 +16,7 @@ from unlearn_ext.methods.fisher_forgetting import FisherForgetting
 from unlearn_ext.methods.mnemonic import Mnemonic, class_fisher_from_codes, mnemonic_delta
 from unlearn_ext.methods.neggrad import NegGrad, NegGradPlus
 from unlearn_ext.methods.random_label import RandomLabel
-from unlearn_ext.methods.retrain import Retrain  # noqa: I001  (registration order = report order)
+from unlearn_ext.methods.retrain import Retrain
 from unlearn_ext.methods.salun import SalUn
 from unlearn_ext.methods.scrub import Scrub
 from unlearn_ext.methods.ssd import SSD

@@ -41,9 +41,26 @@ def register(cls: type[Unlearner]) -> type[Unlearner]:
     return cls
 
 
+#: Report order: the reference, the paper's method, then the baselines roughly by family.
+_ORDER = (
+    "retrain",
+    "mnemonic",
+    "finetune",
+    "neggrad",
+    "neggrad_plus",
+    "random_label",
+    "fisher_forgetting",
+    "ssd",
+    "salun",
+    "scrub",
+    "bad_teacher",
+)
+
+
 def available_methods() -> tuple[str, ...]:
-    """Names of the methods implemented in this build, in registration order."""
-    return tuple(_REGISTRY)
+    """Names of the methods implemented in this build, in report order."""
+    rank = {n: i for i, n in enumerate(_ORDER)}
+    return tuple(sorted(_REGISTRY, key=lambda n: rank.get(n, len(rank))))
 
 
 def method_class(name: str) -> type[Unlearner]:
@@ -52,7 +69,7 @@ def method_class(name: str) -> type[Unlearner]:
         return _REGISTRY[name]
     if name in PLANNED:
         raise NotImplementedError(f"method {name!r} is not implemented yet: {PLANNED[name]}")
-    raise ValueError(f"unknown unlearning method {name!r}; available: {', '.join(_REGISTRY)}")
+    raise ValueError(f"unknown unlearning method {name!r}; available: {', '.join(available_methods())}")
 
 
 def get_method(name: str, **hparams: Any) -> Unlearner:
