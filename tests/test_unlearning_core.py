@@ -45,8 +45,15 @@ def test_every_method_forgets_and_keeps_input(setup, name):
     b = split.batches(batch_size=64)
     before = _state(model)
     original_forget = accuracy(model, b["forget_class_test"])
-    # On digits (8x8, 64 inputs) the paper's MNIST lambda1 = 1e-3 is too small a step; 1e-2 forgets.
-    hp = {"retrain": {"epochs": 40, "lr": 0.05}, "mnemonic": {"lambda1": 1e-2}}.get(name, {})
+    # Defaults were chosen on the bundled MNIST (3600 retain / 400 forget samples). Digits is smaller
+    # (about 145 forget samples, 3 batches), so the step-count-bound methods need a larger step there:
+    # with defaults, scrub and bad_teacher leave 95% / 78% forget-class accuracy, mnemonic 49%.
+    hp = {
+        "retrain": {"epochs": 40, "lr": 0.05},
+        "mnemonic": {"lambda1": 1e-2},
+        "scrub": {"lr": 0.05},
+        "bad_teacher": {"lr": 0.05, "epochs": 3},
+    }.get(name, {})
     res = unlearn(model, name, forget=b["forget"], retain=b["retain"], seed=1, **hp)
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "the input model was modified"
