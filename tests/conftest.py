@@ -94,3 +94,21 @@ def num_threads():
     before = torch.get_num_threads()
     yield before
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: these models gain nothing from threads,
+    and on a busy 2-core runner two OpenMP threads were measured ~100x slower per step than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 8x8 digits, seeded split 0 (unlearn_ext.data.load_dataset)."""
+    from unlearn_ext.data import load_dataset
+
+    return load_dataset("digits")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from unlearn_ext.cli import main
 from unlearn_ext.methods import get_method
@@ -25,14 +24,7 @@ ROW_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_class_test_acc", "mi
 RUN_MNEMONIC = ["run", "--method", "mnemonic", "--dataset", "digits", "--forget-class", "3", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are far too small to gain from intra-op threads, and on a busy 2-core runner
-    two OpenMP threads were measured ~100x slower per step than one (CPU contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,19 +34,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are far too small to gain from intra-op threads, and on a busy 2-core runner
-    two OpenMP threads were measured ~100x slower per step than one (CPU contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

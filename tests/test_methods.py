@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn_ext
-from unlearn_ext.data import TensorBatches, load_dataset, make_forget_split
+from unlearn_ext.data import TensorBatches, make_forget_split
 from unlearn_ext.eval import accuracy
 from unlearn_ext.methods import (
     PLANNED,
@@ -39,19 +39,7 @@ pytest.importorskip("sklearn")
 FORGET_CLASS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are far too small to gain from intra-op threads, and on a busy 2-core runner
-    two OpenMP threads were measured ~100x slower per step than one (CPU contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
