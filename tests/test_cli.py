@@ -91,16 +91,15 @@ def test_run_writes_the_report_and_plots(first_run, cache_dir):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md 5 lists speedup_vs_retrain in every row of report['methods'] (original included), "
-    "but unlearn_ext/experiment.py run_experiment builds rows['original'] without it "
-    "(possibly intentional: its 'seconds' is training time)",
-)
 def test_every_report_row_has_speedup_vs_retrain(first_run):
     _, out = first_run
-    for name, row in _report(out)["methods"].items():
+    rows = _report(out)["methods"]
+    for name, row in rows.items():
         assert "speedup_vs_retrain" in row, name
+    assert rows["original"]["speedup_vs_retrain"] is None  # training time, not an unlearning time
+    assert rows["retrain"]["speedup_vs_retrain"] == 1.0
+    speedup = rows["mnemonic"]["speedup_vs_retrain"]
+    assert speedup == pytest.approx(rows["retrain"]["seconds"] / rows["mnemonic"]["seconds"], rel=1e-6)
 
 
 def test_second_run_reuses_the_cache_and_fresh_retrains(first_run, cache, tmp_path):

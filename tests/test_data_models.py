@@ -182,17 +182,21 @@ def test_make_forget_split_errors(digits, kwargs, match):
         make_forget_split(digits, **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG unlearn_ext/data/splits.py lines 93 and 97 (`isinstance(classes, int)`, `isinstance(c, int)`): "
-    "NumPy integer class ids (e.g. from np.unique) fail: classes=np.int64(3) raises TypeError "
-    "'numpy.int64' object is not iterable, classes=[np.int64(3)] raises the false "
-    "ValueError 'class np.int64(3) does not exist in digits; its classes are 0..9'",
+@pytest.mark.parametrize(
+    "classes",
+    [np.int64(3), [np.int64(3)], torch.tensor(3), np.array([3]), torch.tensor([3])],
+    ids=["numpy-scalar", "numpy-list", "tensor-0d", "numpy-array", "tensor-1d"],
 )
-@pytest.mark.parametrize("classes", [np.int64(3), [np.int64(3)]], ids=["scalar", "list"])
-def test_numpy_integer_class_ids_are_accepted(digits, classes):
+def test_integer_class_ids_of_any_kind_are_accepted(digits, classes):
     split = make_forget_split(digits, classes=classes)
     assert torch.equal(split.forget_idx, make_forget_split(digits, classes=3).forget_idx)
+    assert split.classes == (3,) and all(type(c) is int for c in split.classes)
+
+
+@pytest.mark.parametrize("classes", [True, np.bool_(True), 3.0, torch.tensor(3.0), "3"], ids=str)
+def test_non_integer_class_ids_are_rejected(digits, classes):
+    with pytest.raises(ValueError, match="class"):
+        make_forget_split(digits, classes=classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,13 +431,6 @@ def test_corrupt_metadata_raises_value_error_naming_the_path(tmp_path, record):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG unlearn_ext/models/checkpoint.py load_checkpoint: build_model(arch, ..., **config) (line 90) "
-    "runs outside the try/except, so a corrupt config escapes as TypeError (unknown key) or as a "
-    "ValueError that does not name the file (unknown arch / activation), against the documented "
-    "'ValueError: ... a corrupt or foreign checkpoint'",
-)
 @pytest.mark.parametrize(
     "config",
     [

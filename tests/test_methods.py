@@ -496,13 +496,6 @@ def test_inputs_of_the_wrong_shape_raise_value_error_naming_the_shape(where, dig
     assert where in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP unlearn_ext/methods/_base.py check_batches: only the FIRST non-empty batch is run through the "
-    "model, so a later batch of another per-sample shape passes validation and fails deep inside the "
-    "method with a raw RuntimeError ('mat1 and mat2 shapes cannot be multiplied') instead of the "
-    "documented ValueError",
-)
 def test_a_later_batch_of_the_wrong_shape_raises_value_error(digits_mlp, batches):
     forget = list(batches["forget"])
     forget.insert(1, (torch.randn(8, 1, 5, 5), torch.full((8,), FORGET_CLASS)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,15 +91,23 @@ def make_forget_split(
     y = dataset.y_train
     n = int(y.numel())
     if classes is not None:
-        cls = (classes,) if isinstance(classes, int) else tuple(classes)
+        if _as_class_id(classes) is not None:
+            cls = (classes,)
+        elif isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable) or _is_0d(classes):
+            raise ValueError(f"classes must be a class id or a sequence of class ids, got {classes!r}")
+        else:
+            cls = tuple(classes)
         if not cls:
             raise ValueError("classes is empty: the forget set would be empty")
+        ids = []
         for c in cls:
-            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < dataset.num_classes:
+            i = _as_class_id(c)
+            if i is None or not 0 <= i < dataset.num_classes:
                 raise ValueError(
                     f"class {c!r} does not exist in {dataset.name!r}; its classes are 0..{dataset.num_classes - 1}"
                 )
-        cls = tuple(sorted(set(cls)))
+            ids.append(i)
+        cls = tuple(sorted(set(ids)))
         if len(cls) == dataset.num_classes:
             raise ValueError(
                 f"forgetting all {dataset.num_classes} classes would forget the whole training set; nothing is retained"
@@ -118,3 +127,22 @@ def make_forget_split(
         raise ValueError(f"fraction {fraction} of {n} training samples forgets all of them; nothing is retained")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return ForgetSplit(dataset, perm[:k].sort().values, perm[k:].sort().values, None, float(fraction), seed)
+
+
+def _as_class_id(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer scalar (int, NumPy integer, 0-d integer tensor), else None.
+
+    Booleans are not class ids.
+    """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _is_0d(value: object) -> bool:
+    return getattr(value, "ndim", None) == 0

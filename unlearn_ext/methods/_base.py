@@ -185,11 +185,12 @@ def check_batches(model: nn.Module, batches: Batches, what: str) -> int:
     """Validate ``(inputs, targets)`` batches against ``model``; returns the model's number of classes.
 
     Raises ValueError naming ``what`` for: no samples, a batch that is not a pair, non-integer or
-    non-1-D targets, mismatched lengths, NaN/inf inputs, inputs the model cannot take, targets out of
-    the model's class range.
+    non-1-D targets, mismatched lengths, NaN/inf inputs, inputs the model cannot take (the first
+    non-empty batch is run through the model; every later batch must have the same per-sample shape),
+    targets out of the model's class range.
     """
     device = model_device(model)
-    n, num_classes, first = 0, None, True
+    n, num_classes, sample_shape = 0, None, None
     for i, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError(f"{what} batch {i} must be an (inputs, targets) pair")
@@ -200,8 +201,13 @@ def check_batches(model: nn.Module, batches: Batches, what: str) -> int:
             raise ValueError(f"{what} batch {i}: inputs and targets must have the same batch size")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"{what} batch {i}: inputs contain NaN or inf")
-        if first and y.numel():
-            first = False
+        if sample_shape is not None and y.numel() and tuple(x.shape[1:]) != sample_shape:
+            raise ValueError(
+                f"{what} batch {i}: inputs of shape {tuple(x.shape[1:])} (per sample), but earlier {what} "
+                f"batches have shape {sample_shape}"
+            )
+        if sample_shape is None and y.numel():
+            sample_shape = tuple(x.shape[1:])
             was_training = model.training
             model.eval()
             try:

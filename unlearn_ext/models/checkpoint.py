@@ -87,7 +87,10 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         num_classes = config.pop("num_classes")
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt unlearn_ext metadata: {e}") from e
-    model = build_model(arch, input_shape, num_classes, **config)
+    try:
+        model = build_model(arch, input_shape, num_classes, **config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt or foreign unlearn_ext config {record['config']!r}: {e}") from e
     codes = tensors.pop(CODES_BUFFER, None)
     try:
         model.load_state_dict(tensors, strict=True)
