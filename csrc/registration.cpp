@@ -34,6 +34,21 @@ TORCH_LIBRARY(unlearn_ext, m) {
   m.def(
       "sq_grad_embedding_(Tensor ids, Tensor grad_out, int num_embeddings, int? padding_idx, Tensor? group, "
       "int num_groups, Tensor? sample_weight, Tensor(a!) out) -> ()");
+
+  // ---- masked KL fused with the LM heads (SIU's loss), DESIGN.md 4.2 ----
+  // hidden [N, H], weight [V, H], ref_hidden [N, H_ref], ref_weight [V, H_ref]; token_mask bool [N],
+  // vocab_mask bool [V], target int [N]. Returns (loss: [] for mean/sum, [N] for none; grad_hidden,
+  // grad_weight, grad_bias: the loss's gradients when compute_grad (mean/sum only), else empty).
+  m.def(
+      "fused_linear_masked_kl(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
+      "Tensor? ref_bias, Tensor? token_mask, Tensor? vocab_mask, Tensor? target, float kl_weight, float ce_weight, "
+      "float temperature, int ignore_index, bool renormalize, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_kl [N] = dLoss/dKL_n, grad_ce [N] = dLoss/dCE_n; returns (grad_hidden, grad_weight, grad_bias or empty).
+  m.def(
+      "fused_linear_masked_kl_backward(Tensor grad_kl, Tensor grad_ce, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor ref_hidden, Tensor ref_weight, Tensor? ref_bias, Tensor? token_mask, Tensor? vocab_mask, "
+      "Tensor? target, float temperature, int ignore_index, bool renormalize) -> (Tensor, Tensor, Tensor)");
 }
 
 // ---- `unlearn_ext._C`: build information only (ops are reached through torch.ops) ----

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 __all__ = [
+    "fused_linear_masked_kl_reference",
     "sq_grad_conv2d_reference",
     "sq_grad_embedding_reference",
     "sq_grad_linear_reference",
@@ -150,3 +151,59 @@ def sq_grad_embedding_reference(
         per = per.clone()
         per[:, padding_idx] = 0
     return _group_sum(per, group, num_groups, sample_weight)
+
+
+def fused_linear_masked_kl_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    token_mask: torch.Tensor | None = None,
+    vocab_mask: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    kl_weight: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Masked ``KL(p_ref || q)`` (+ CE) from full ``[N, V]`` logits, exactly as DESIGN.md 4.2 states it.
+
+    The reference logits are computed without gradient. Rows outside ``token_mask`` contribute 0;
+    a mean over no rows is 0.
+    """
+    acc = _accum_dtype(hidden.dtype)
+    z = F.linear(hidden, weight, bias).to(acc)
+    with torch.no_grad():
+        r = F.linear(ref_hidden, ref_weight, ref_bias).to(acc)
+    n = z.shape[0]
+    kl = z.new_zeros(n)
+    tm = torch.ones(n, dtype=acc, device=z.device) if token_mask is None else token_mask.to(acc)
+    if kl_weight != 0:
+        s, t = z / temperature, r / temperature
+        if renormalize and vocab_mask is not None:
+            if bool(vocab_mask.any()):
+                logq, logp = F.log_softmax(s[:, vocab_mask], 1), F.log_softmax(t[:, vocab_mask], 1)
+                kl = (logp.exp() * (logp - logq)).sum(1)
+            else:
+                kl = (s * 0).sum(1)
+        else:
+            logq, logp = F.log_softmax(s, 1), F.log_softmax(t, 1)
+            term = logp.exp() * (logp - logq)
+            kl = (term if vocab_mask is None else term * vocab_mask.to(acc)).sum(1)
+        kl = kl * tm
+    ce = z.new_zeros(n)
+    valid = torch.zeros(n, dtype=acc, device=z.device)
+    if target is not None:
+        valid = (target != ignore_index).to(acc)
+        if ce_weight != 0:
+            ce = F.cross_entropy(z, target.long(), ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return kl_weight * kl + ce_weight * ce
+    if reduction == "sum":
+        return kl_weight * kl.sum() + ce_weight * ce.sum()
+    return kl_weight * kl.sum() / tm.sum().clamp_min(1) + ce_weight * ce.sum() / valid.sum().clamp_min(1)

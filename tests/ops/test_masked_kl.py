@@ -1,0 +1,446 @@
+"""Tests of fused_linear_masked_kl (DESIGN.md 4.2) against the float64 reference.
+
+The reference itself is checked on cases with known answers first (identical models give 0, a
+two-entry vocabulary gives the closed form), then the C++ kernel is compared with it on random
+inputs drawn fresh per test: odd shapes, many token chunks (UNLEARN_EXT_KL_CHUNK_ROWS), masks with
+random patterns, every option, a random upstream gradient, non-contiguous inputs, both dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _utils import assert_close_rel
+
+from unlearn_ext import _loader
+from unlearn_ext.ops import fused_linear_masked_kl
+from unlearn_ext.ops._reference import fused_linear_masked_kl_reference as reference
+
+OPS = torch.ops.unlearn_ext
+needs_cpp = pytest.mark.skipif(
+    not _loader.has_kernel("fused_linear_masked_kl", "cpu"), reason="the C++ kernel of fused_linear_masked_kl is absent"
+)
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+def _inputs(n, h, v, dtype=torch.float32, *, hr=None, bias=True, seed=None, scale=1.0):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    hr = h if hr is None else hr
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+
+    d = {
+        "hidden": rnd(n, h, s=scale),
+        "weight": rnd(v, h, s=1 / math.sqrt(h)),
+        "ref_hidden": rnd(n, hr, s=scale),
+        "ref_weight": rnd(v, hr, s=1 / math.sqrt(hr)),
+    }
+    if bias:
+        d["bias"], d["ref_bias"] = rnd(v, s=0.5), rnd(v, s=0.5)
+    d["token_mask"] = torch.rand(n, generator=g) < 0.6
+    d["vocab_mask"] = torch.rand(v, generator=g) < 0.3
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < 0.25] = -100
+    d["target"] = target
+    return d
+
+
+def _run(fn, d, upstream, **kw):
+    """Loss and gradients of hidden/weight/bias under ``fn`` with ``upstream`` as dLoss."""
+    leaves = {k: d[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias") if k in d}
+    args = {**d, **leaves}
+    loss = fn(args.pop("hidden"), args.pop("weight"), args.pop("ref_hidden"), args.pop("ref_weight"), **args, **kw)
+    (loss * upstream).sum().backward()
+    return loss.detach(), {k: t.grad for k, t in leaves.items()}
+
+
+def _to64(d):
+    return {k: (t.double() if t.is_floating_point() else t) for k, t in d.items()}
+
+
+def _compare(d, *, rtol, **kw):
+    reduction = kw.get("reduction", "mean")
+    n = d["hidden"].shape[0]
+    upstream = torch.randn(n if reduction == "none" else (), dtype=torch.float64)
+    loss, grads = _run(
+        lambda *a, **k: fused_linear_masked_kl(*a, backend="cpp", **k), d, upstream.to(d["hidden"].dtype), **kw
+    )
+    eloss, egrads = _run(reference, _to64(d), upstream, **kw)
+    assert loss.dtype == d["hidden"].dtype
+    assert_close_rel(loss.double(), eloss, rtol, what="loss")
+    for k in grads:
+        assert grads[k] is not None, k
+        assert_close_rel(grads[k].double(), egrads[k], rtol, what=f"d{k}")
+
+
+# --------------------------------------------------------------------------------------------
+# The reference on cases with known answers
+# --------------------------------------------------------------------------------------------
+
+
+def test_reference_is_zero_for_identical_models_and_matches_kl_div():
+    d = _inputs(9, 5, 11, torch.float64, seed=1)
+    same = reference(d["hidden"], d["weight"], d["hidden"], d["weight"], bias=d["bias"], ref_bias=d["bias"])
+    assert abs(float(same)) < 1e-14
+    # Without masks it is torch's kl_div on the full logits.
+    got = reference(d["hidden"], d["weight"], d["ref_hidden"], d["ref_weight"], temperature=2.0)
+    z = d["hidden"] @ d["weight"].T / 2.0
+    r = d["ref_hidden"] @ d["ref_weight"].T / 2.0
+    want = F.kl_div(F.log_softmax(z, 1), F.log_softmax(r, 1), log_target=True, reduction="batchmean")
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_reference_two_entry_vocabulary_closed_form():
+    # One token, logits z = (0, a) and r = (0, b): p1 = sigmoid(b), q1 = sigmoid(a).
+    a, b = 0.7, -1.3
+    hidden, ref_hidden = torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64)
+    w, rw = torch.tensor([[0.0], [a]], dtype=torch.float64), torch.tensor([[0.0], [b]], dtype=torch.float64)
+    p1, q1 = 1 / (1 + math.exp(-b)), 1 / (1 + math.exp(-a))
+    only_second = torch.tensor([False, True])
+    got = reference(hidden, w, ref_hidden, rw, vocab_mask=only_second)
+    assert float(got) == pytest.approx(p1 * math.log(p1 / q1), rel=1e-12)
+    # Renormalised over one kept entry, both distributions are the point mass: KL = 0.
+    assert float(reference(hidden, w, ref_hidden, rw, vocab_mask=only_second, renormalize=True)) == 0.0
+    # CE at temperature 1 on class 1 is -log q1, whatever the temperature of the KL.
+    ce = reference(hidden, w, ref_hidden, rw, target=torch.tensor([1]), ce_weight=1.0, kl_weight=0.0, temperature=3.0)
+    assert float(ce) == pytest.approx(-math.log(q1), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The C++ kernel against the reference
+# --------------------------------------------------------------------------------------------
+
+OPTIONS = [
+    dict(),
+    dict(reduction="sum", temperature=2.5),
+    dict(reduction="none", ce_weight=0.7, kl_weight=0.3),
+    dict(renormalize=True, ce_weight=1.0, temperature=0.5),
+    dict(renormalize=True, reduction="none", temperature=1.0),
+    dict(ce_weight=0.4, kl_weight=1.0, temperature=1.0),  # CE shares the KL's softmax sums
+    dict(ce_weight=1.0, kl_weight=0.0),  # CE only
+]
+MASKS = ["both", "none", "token", "vocab"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_cpp_matches_reference(dtype, masks, options):
+    d = _inputs(47, 31, 123, dtype, hr=29)
+    if masks in ("none", "vocab"):
+        d.pop("token_mask")
+    if masks in ("none", "token"):
+        d.pop("vocab_mask")
+    if not options.get("ce_weight"):
+        d.pop("target")
+    _compare(d, rtol=RTOL[dtype], **options)
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("chunk_rows", ["1", "7", "64"])
+def test_cpp_many_chunks_and_gathered_rows(monkeypatch, bias, chunk_rows):
+    monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", chunk_rows)
+    d = _inputs(130, 24, 517, torch.float32, bias=bias)
+    _compare(d, rtol=RTOL[torch.float32], ce_weight=0.5, temperature=1.7)
+
+
+@needs_cpp
+def test_cpp_large_logits_are_stable():
+    # Logits of size ~100: exp would overflow without the max shift.
+    d = _inputs(33, 16, 301, torch.float32, scale=40.0)
+    _compare(d, rtol=5e-5, ce_weight=1.0, temperature=0.7)
+
+
+@needs_cpp
+def test_cpp_non_contiguous_and_expanded_inputs():
+    d = _inputs(40, 20, 90, torch.float32)
+    d["hidden"] = torch.randn(20, 40).T  # transposed view
+    d["weight"] = torch.randn(90, 40)[:, ::2]  # strided columns
+    d["ref_hidden"] = torch.randn(1, 20).expand(40, 20)  # stride-0 rows
+    d["vocab_mask"] = torch.rand(180) < 0.5
+    d["vocab_mask"] = d["vocab_mask"][::2]
+    assert not d["hidden"].is_contiguous() and not d["weight"].is_contiguous()
+    _compare(d, rtol=RTOL[torch.float32], ce_weight=0.3, reduction="sum")
+
+
+@needs_cpp
+def test_upstream_gradient_not_one_scales_the_saved_gradients():
+    d = _inputs(12, 8, 30, torch.float64)
+    d.pop("target")
+    for reduction in ("mean", "sum"):
+        h = d["hidden"].clone().requires_grad_(True)
+        loss = fused_linear_masked_kl(
+            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend="cpp"
+        )
+        (g1,) = torch.autograd.grad(loss, h)
+        loss = fused_linear_masked_kl(
+            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend="cpp"
+        )
+        (g3,) = torch.autograd.grad(-3.0 * loss, h)
+        torch.testing.assert_close(g3, -3.0 * g1)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases
+# --------------------------------------------------------------------------------------------
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_all_false_vocab_mask_gives_zero_kl_and_zero_gradient(backend, renormalize):
+    d = _inputs(10, 6, 20, torch.float64)
+    d["vocab_mask"] = torch.zeros(20, dtype=torch.bool)
+    d.pop("target")
+    loss, grads = _run(
+        lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), d, 1.0, renormalize=renormalize
+    )
+    assert float(loss) == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_no_kept_token_gives_zero_kl_but_keeps_the_ce(backend):
+    d = _inputs(10, 6, 20, torch.float64)
+    d["token_mask"] = torch.zeros(10, dtype=torch.bool)
+    kl_only = fused_linear_masked_kl(**_kw(d, "target"), backend=backend)
+    assert float(kl_only) == 0.0
+    both = fused_linear_masked_kl(**_kw(d), ce_weight=1.0, backend=backend)
+    ce = F.cross_entropy(d["hidden"] @ d["weight"].T + d["bias"], d["target"], ignore_index=-100)
+    assert float(both) == pytest.approx(float(ce), rel=1e-10)
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_every_target_ignored_and_empty_batch(backend):
+    d = _inputs(6, 4, 9, torch.float64)
+    d["target"][:] = -100
+    d["token_mask"][:] = False
+    loss, grads = _run(lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), d, 1.0, ce_weight=1.0)
+    assert float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
+    e = _inputs(0, 4, 9, torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        loss, grads = _run(
+            lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), e, 1.0, ce_weight=1.0, reduction=reduction
+        )
+        assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+        assert grads["hidden"].shape == (0, 4) and float(grads["weight"].abs().max()) == 0.0
+
+
+@needs_cpp
+def test_ignore_index_other_than_default():
+    d = _inputs(20, 6, 15, torch.float64)
+    d["target"][d["target"] == -100] = 3
+    d["target"][::4] = 3
+    _compare(d, rtol=RTOL[torch.float64], ce_weight=1.0, ignore_index=3)
+
+
+@needs_cpp
+def test_reference_side_takes_no_gradient():
+    d = _inputs(8, 5, 13, torch.float64)
+    rh = d["ref_hidden"].clone().requires_grad_(True)
+    rw = d["ref_weight"].clone().requires_grad_(True)
+    h = d["hidden"].clone().requires_grad_(True)
+    loss = fused_linear_masked_kl(h, d["weight"], rh, rw, backend="cpp")
+    loss.backward()
+    assert h.grad is not None and rh.grad is None and rw.grad is None
+
+
+@needs_cpp
+def test_no_grad_mode_returns_the_same_loss():
+    d = _inputs(25, 7, 40, torch.float32)
+    kw = _kw(d)
+    with torch.no_grad():
+        a = fused_linear_masked_kl(**kw, ce_weight=0.5, backend="cpp")
+    h = kw.pop("hidden").requires_grad_(True)
+    b = fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend="cpp")
+    assert b.requires_grad and not a.requires_grad
+    torch.testing.assert_close(a, b.detach())
+
+
+def _kw(d, *drop):
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library integration: gradcheck, opcheck, compile
+# --------------------------------------------------------------------------------------------
+
+
+@needs_cpp
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(reduction):
+    d = _inputs(6, 4, 7, torch.float64)
+    d["vocab_mask"][:2] = True
+    h = d.pop("hidden").requires_grad_(True)
+    w = d.pop("weight").requires_grad_(True)
+    b = d.pop("bias").requires_grad_(True)
+    rh, rw = d.pop("ref_hidden"), d.pop("ref_weight")
+
+    def fn(h, w, b):
+        return fused_linear_masked_kl(h, w, rh, rw, bias=b, **d, ce_weight=0.5, temperature=1.3, reduction=reduction,
+                                      backend="cpp")  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+def _op_args(d, *, compute_grad, reduction="mean", requires_grad=True):
+    h = d["hidden"].clone().requires_grad_(requires_grad)
+    w = d["weight"].clone().requires_grad_(requires_grad)
+    b = d["bias"].clone().requires_grad_(requires_grad)
+    return (h, w, b, d["ref_hidden"], d["ref_weight"], d["ref_bias"], d["token_mask"], d["vocab_mask"], d["target"],
+            0.8, 0.5, 1.5, -100, False, reduction, compute_grad)  # fmt: skip
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    ("compute_grad", "reduction"), [(True, "mean"), (False, "mean"), (True, "sum"), (False, "none")]
+)
+def test_opcheck(compute_grad, reduction):
+    d = _inputs(9, 6, 17, torch.float64)
+    torch.library.opcheck(OPS.fused_linear_masked_kl, _op_args(d, compute_grad=compute_grad, reduction=reduction))
+    n = d["hidden"].shape[0]
+    torch.library.opcheck(
+        OPS.fused_linear_masked_kl_backward,
+        (torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64), d["hidden"], d["weight"], d["bias"],
+         d["ref_hidden"], d["ref_weight"], d["ref_bias"], d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100,
+         True),
+    )  # fmt: skip
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    d = _inputs(21, 8, 33, torch.float32)
+    kw = _kw(d, "hidden")
+    compiled = torch.compile(
+        lambda h: fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend="cpp"), fullgraph=True, backend="aot_eager"
+    )
+    h = d["hidden"].clone().requires_grad_(True)
+    loss = compiled(h)
+    loss.backward()
+    h2 = d["hidden"].clone().requires_grad_(True)
+    want = fused_linear_masked_kl(h2, **kw, ce_weight=0.5, backend="cpp")
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(h.grad, h2.grad)
+
+
+_ISA_SCRIPT = """
+import torch, sys
+sys.path.insert(0, {tests!r})
+from unlearn_ext.ops import fused_linear_masked_kl
+from unlearn_ext.ops._reference import fused_linear_masked_kl_reference as ref
+torch.manual_seed(0)
+n, h, v = 37, 19, 301
+args = [torch.randn(n, h), torch.randn(v, h) / 4, torch.randn(n, h), torch.randn(v, h) / 4]
+kw = dict(token_mask=torch.rand(n) < .7, vocab_mask=torch.rand(v) < .4, target=torch.randint(0, v, (n,)), ce_weight=.5)
+for renorm, t in [(False, 1.0), (True, 2.0), (False, 0.6)]:
+    a = args[0].clone().requires_grad_(True)
+    loss = fused_linear_masked_kl(a, *args[1:], **kw, renormalize=renorm, temperature=t, backend="cpp")
+    loss.backward()
+    b = args[0].double().clone().requires_grad_(True)
+    want = ref(b, *[x.double() for x in args[1:]], **kw, renormalize=renorm, temperature=t)
+    want.backward()
+    assert abs(loss.item() - want.item()) <= 2e-5 * abs(want.item()), (loss.item(), want.item())
+    err = (a.grad.double() - b.grad).abs().max().item()
+    assert err <= 2e-5 * b.grad.abs().max().item(), err
+print("ok")
+"""
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_every_cpu_isa_variant(isa):
+    from unlearn_ext import _loader as loader
+
+    have = loader.compiled_build_info().get("cpu_kernel_isa")
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(have):
+        pytest.skip(f"this CPU's best ISA is {have}")
+    env = {**os.environ, "UNLEARN_EXT_CPU_ISA": isa, "OMP_NUM_THREADS": "2"}
+    tests = os.path.dirname(os.path.dirname(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    d = _inputs(5, 4, 7, torch.float32)
+    cases = {
+        "hidden 3-D": (dict(hidden=d["hidden"][None]), ValueError, "hidden must be 2-D"),
+        "weight width": (dict(weight=torch.randn(7, 5)), ValueError, r"weight must be \[V, 4\]"),
+        "ref rows": (dict(ref_hidden=torch.randn(6, 4)), ValueError, "ref_hidden must have hidden's 5 rows"),
+        "ref vocab": (dict(ref_weight=torch.randn(8, 4)), ValueError, r"ref_weight must be \[7, 4\]"),
+        "dtype mix": (dict(weight=d["weight"].double()), ValueError, "weight must have hidden's dtype"),
+        "int hidden": (dict(hidden=torch.ones(5, 4, dtype=torch.long)), ValueError, "hidden must be float"),
+        "token mask not bool": (dict(token_mask=torch.ones(5)), ValueError, "token_mask must be a bool"),
+        "vocab mask shape": (
+            dict(vocab_mask=torch.ones(6, dtype=torch.bool)),
+            ValueError,
+            r"vocab_mask must have shape \[7\]",
+        ),
+        "bias shape": (dict(bias=torch.randn(6)), ValueError, r"bias must have shape \[7\]"),
+        "target float": (dict(target=torch.zeros(5), ce_weight=1.0), ValueError, "target must be an integer"),
+        "target range": (
+            dict(target=torch.tensor([0, 1, 7, 2, 3]), ce_weight=1.0),
+            ValueError,
+            r"target ids must be in \[0, 7\)",
+        ),
+        "negative target": (dict(target=torch.tensor([0, -1, 2, 2, 3]), ce_weight=1.0), ValueError, "got -1"),
+        "ce without target": (dict(ce_weight=1.0), ValueError, "needs target"),
+        "temperature": (dict(temperature=0.0), ValueError, "temperature must be positive"),
+        "nan weight": (dict(kl_weight=float("nan")), ValueError, "kl_weight must be a finite"),
+        "reduction": (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        "backend": (dict(backend="gpu"), ValueError, "backend must be one of"),
+    }
+    return d, cases
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()[1]))
+def test_bad_input_raises_a_clear_error(case):
+    d, cases = _bad_cases()
+    change, exc, match = cases[case]
+    args = {**_kw(d, "target"), **change}
+    if "backend" not in args:
+        args["backend"] = "reference"
+    with pytest.raises(exc, match=match):
+        fused_linear_masked_kl(**args)
+
+
+@needs_cpp
+@pytest.mark.parametrize("where", ["hidden", "weight", "ref_hidden", "bias"])
+def test_cpp_refuses_non_finite_inputs(where):
+    d = _inputs(5, 4, 7, torch.float32)
+    d[where] = d[where].clone()
+    d[where].view(-1)[3] = float("inf") if where == "bias" else float("nan")
+    with pytest.raises(ValueError, match=f"{where} contains NaN or inf"):
+        fused_linear_masked_kl(**_kw(d, "target"), backend="cpp")
+
+
+@needs_cpp
+def test_cpp_rejects_half_precision_on_cpu_and_gpu_backends_are_not_written_yet():
+    d = _inputs(5, 4, 7, torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        fused_linear_masked_kl(**_kw(d, "target"), backend="cpp")
+    # bfloat16 through the reference still works (accumulating in float32).
+    assert fused_linear_masked_kl(**_kw(d, "target"), backend="reference").dtype == torch.float32
+    if torch.cuda.is_available():
+        g = {k: v.cuda() for k, v in _kw(d, "target").items()}
+        with pytest.raises(NotImplementedError, match="not implemented yet"):
+            fused_linear_masked_kl(**g)
