@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import assert_close_rel
+from _utils import assert_close_rel, backend_device
 
 from unlearn_ext import _loader
 from unlearn_ext.ops import fused_linear_masked_kl
@@ -26,6 +26,12 @@ OPS = torch.ops.unlearn_ext
 needs_cpp = pytest.mark.skipif(
     not _loader.has_kernel("fused_linear_masked_kl", "cpu"), reason="the C++ kernel of fused_linear_masked_kl is absent"
 )
+# The kernels under test; Triton runs on CPU tensors under TRITON_INTERPRET=1, else on the GPU.
+KERNELS = [
+    pytest.param("cpp", marks=[needs_cpp], id="cpp"),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.requires_triton], id="triton"),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.requires_cuda], id="cuda"),
+]
 RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 
@@ -65,13 +71,22 @@ def _to64(d):
     return {k: (t.double() if t.is_floating_point() else t) for k, t in d.items()}
 
 
-def _compare(d, *, rtol, **kw):
+def _on(d, backend):
+    """``d``'s tensors on ``backend``'s device (views stay views on the CPU)."""
+    dev = backend_device(backend)
+    return d if dev == "cpu" else {k: v.to(dev) for k, v in d.items()}
+
+
+def _kernel(backend):
+    return lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k)
+
+
+def _compare(d, backend, *, rtol, **kw):
     reduction = kw.get("reduction", "mean")
     n = d["hidden"].shape[0]
     upstream = torch.randn(n if reduction == "none" else (), dtype=torch.float64)
-    loss, grads = _run(
-        lambda *a, **k: fused_linear_masked_kl(*a, backend="cpp", **k), d, upstream.to(d["hidden"].dtype), **kw
-    )
+    dev = backend_device(backend)
+    loss, grads = _run(_kernel(backend), _on(d, backend), upstream.to(d["hidden"].dtype).to(dev), **kw)
     eloss, egrads = _run(reference, _to64(d), upstream, **kw)
     assert loss.dtype == d["hidden"].dtype
     assert_close_rel(loss.double(), eloss, rtol, what="loss")
@@ -129,11 +144,11 @@ OPTIONS = [
 MASKS = ["both", "none", "token", "vocab"]
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("masks", MASKS)
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
-def test_cpp_matches_reference(dtype, masks, options):
+def test_kernel_matches_reference(backend, dtype, masks, options):
     d = _inputs(47, 31, 123, dtype, hr=29)
     if masks in ("none", "vocab"):
         d.pop("token_mask")
@@ -141,27 +156,29 @@ def test_cpp_matches_reference(dtype, masks, options):
         d.pop("vocab_mask")
     if not options.get("ce_weight"):
         d.pop("target")
-    _compare(d, rtol=RTOL[dtype], **options)
+    _compare(d, backend, rtol=RTOL[dtype], **options)
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("chunk_rows", ["1", "7", "64"])
-def test_cpp_many_chunks_and_gathered_rows(monkeypatch, bias, chunk_rows):
+def test_many_chunks_and_gathered_rows(monkeypatch, backend, bias, chunk_rows):
     monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", chunk_rows)
-    d = _inputs(130, 24, 517, torch.float32, bias=bias)
-    _compare(d, rtol=RTOL[torch.float32], ce_weight=0.5, temperature=1.7)
+    # Smaller under the Triton interpreter (slow); both span several chunks and vocabulary tiles.
+    n, v = (70, 201) if backend == "triton" else (130, 517)
+    d = _inputs(n, 24, v, torch.float32, bias=bias)
+    _compare(d, backend, rtol=RTOL[torch.float32], ce_weight=0.5, temperature=1.7)
 
 
-@needs_cpp
-def test_cpp_large_logits_are_stable():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_large_logits_are_stable(backend):
     # Logits of size ~100: exp would overflow without the max shift.
     d = _inputs(33, 16, 301, torch.float32, scale=40.0)
-    _compare(d, rtol=5e-5, ce_weight=1.0, temperature=0.7)
+    _compare(d, backend, rtol=5e-5, ce_weight=1.0, temperature=0.7)
 
 
-@needs_cpp
-def test_cpp_non_contiguous_and_expanded_inputs():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_and_expanded_inputs(backend):
     d = _inputs(40, 20, 90, torch.float32)
     d["hidden"] = torch.randn(20, 40).T  # transposed view
     d["weight"] = torch.randn(90, 40)[:, ::2]  # strided columns
@@ -169,21 +186,22 @@ def test_cpp_non_contiguous_and_expanded_inputs():
     d["vocab_mask"] = torch.rand(180) < 0.5
     d["vocab_mask"] = d["vocab_mask"][::2]
     assert not d["hidden"].is_contiguous() and not d["weight"].is_contiguous()
-    _compare(d, rtol=RTOL[torch.float32], ce_weight=0.3, reduction="sum")
+    _compare(d, backend, rtol=RTOL[torch.float32], ce_weight=0.3, reduction="sum")
 
 
-@needs_cpp
-def test_upstream_gradient_not_one_scales_the_saved_gradients():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_upstream_gradient_not_one_scales_the_saved_gradients(backend):
     d = _inputs(12, 8, 30, torch.float64)
     d.pop("target")
+    d = _on(d, backend)
     for reduction in ("mean", "sum"):
         h = d["hidden"].clone().requires_grad_(True)
         loss = fused_linear_masked_kl(
-            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend="cpp"
+            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend=backend
         )
         (g1,) = torch.autograd.grad(loss, h)
         loss = fused_linear_masked_kl(
-            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend="cpp"
+            h, d["weight"], d["ref_hidden"], d["ref_weight"], reduction=reduction, backend=backend
         )
         (g3,) = torch.autograd.grad(-3.0 * loss, h)
         torch.testing.assert_close(g3, -3.0 * g1)
@@ -193,77 +211,76 @@ def test_upstream_gradient_not_one_scales_the_saved_gradients():
 # Edge cases
 # --------------------------------------------------------------------------------------------
 
+ALL = [*KERNELS, pytest.param("reference", id="reference")]
 
-@needs_cpp
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+
+def _cpu(t):
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_all_false_vocab_mask_gives_zero_kl_and_zero_gradient(backend, renormalize):
     d = _inputs(10, 6, 20, torch.float64)
     d["vocab_mask"] = torch.zeros(20, dtype=torch.bool)
     d.pop("target")
-    loss, grads = _run(
-        lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), d, 1.0, renormalize=renormalize
-    )
+    loss, grads = _run(_kernel(backend), _on(d, backend), 1.0, renormalize=renormalize)
     assert float(loss) == 0.0
     assert all(float(g.abs().max()) == 0.0 for g in grads.values())
 
 
-@needs_cpp
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ALL)
 def test_no_kept_token_gives_zero_kl_but_keeps_the_ce(backend):
     d = _inputs(10, 6, 20, torch.float64)
     d["token_mask"] = torch.zeros(10, dtype=torch.bool)
+    ce = F.cross_entropy(d["hidden"] @ d["weight"].T + d["bias"], d["target"], ignore_index=-100)
+    d = _on(d, backend)
     kl_only = fused_linear_masked_kl(**_kw(d, "target"), backend=backend)
     assert float(kl_only) == 0.0
     both = fused_linear_masked_kl(**_kw(d), ce_weight=1.0, backend=backend)
-    ce = F.cross_entropy(d["hidden"] @ d["weight"].T + d["bias"], d["target"], ignore_index=-100)
     assert float(both) == pytest.approx(float(ce), rel=1e-10)
 
 
-@needs_cpp
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", ALL)
 def test_every_target_ignored_and_empty_batch(backend):
     d = _inputs(6, 4, 9, torch.float64)
     d["target"][:] = -100
     d["token_mask"][:] = False
-    loss, grads = _run(lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), d, 1.0, ce_weight=1.0)
+    loss, grads = _run(_kernel(backend), _on(d, backend), 1.0, ce_weight=1.0)
     assert float(loss) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
-    e = _inputs(0, 4, 9, torch.float64)
+    e = _on(_inputs(0, 4, 9, torch.float64), backend)
     for reduction in ("mean", "sum", "none"):
-        loss, grads = _run(
-            lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k), e, 1.0, ce_weight=1.0, reduction=reduction
-        )
+        loss, grads = _run(_kernel(backend), e, 1.0, ce_weight=1.0, reduction=reduction)
         assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
         assert grads["hidden"].shape == (0, 4) and float(grads["weight"].abs().max()) == 0.0
 
 
-@needs_cpp
-def test_ignore_index_other_than_default():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_ignore_index_other_than_default(backend):
     d = _inputs(20, 6, 15, torch.float64)
     d["target"][d["target"] == -100] = 3
     d["target"][::4] = 3
-    _compare(d, rtol=RTOL[torch.float64], ce_weight=1.0, ignore_index=3)
+    _compare(d, backend, rtol=RTOL[torch.float64], ce_weight=1.0, ignore_index=3)
 
 
-@needs_cpp
-def test_reference_side_takes_no_gradient():
-    d = _inputs(8, 5, 13, torch.float64)
+@pytest.mark.parametrize("backend", ALL)
+def test_reference_side_takes_no_gradient(backend):
+    d = _on(_inputs(8, 5, 13, torch.float64), backend)
     rh = d["ref_hidden"].clone().requires_grad_(True)
     rw = d["ref_weight"].clone().requires_grad_(True)
     h = d["hidden"].clone().requires_grad_(True)
-    loss = fused_linear_masked_kl(h, d["weight"], rh, rw, backend="cpp")
+    loss = fused_linear_masked_kl(h, d["weight"], rh, rw, backend=backend)
     loss.backward()
     assert h.grad is not None and rh.grad is None and rw.grad is None
 
 
-@needs_cpp
-def test_no_grad_mode_returns_the_same_loss():
-    d = _inputs(25, 7, 40, torch.float32)
-    kw = _kw(d)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_no_grad_mode_returns_the_same_loss(backend):
+    kw = _on(_inputs(25, 7, 40, torch.float32), backend)
     with torch.no_grad():
-        a = fused_linear_masked_kl(**kw, ce_weight=0.5, backend="cpp")
-    h = kw.pop("hidden").requires_grad_(True)
-    b = fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend="cpp")
+        a = fused_linear_masked_kl(**kw, ce_weight=0.5, backend=backend)
+    h = kw.pop("hidden").clone().requires_grad_(True)
+    b = fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend=backend)
     assert b.requires_grad and not a.requires_grad
     torch.testing.assert_close(a, b.detach())
 
@@ -277,11 +294,12 @@ def _kw(d, *drop):
 # --------------------------------------------------------------------------------------------
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck(reduction):
+def test_gradcheck(backend, reduction):
     d = _inputs(6, 4, 7, torch.float64)
     d["vocab_mask"][:2] = True
+    d = _on(d, backend)
     h = d.pop("hidden").requires_grad_(True)
     w = d.pop("weight").requires_grad_(True)
     b = d.pop("bias").requires_grad_(True)
@@ -289,7 +307,7 @@ def test_gradcheck(reduction):
 
     def fn(h, w, b):
         return fused_linear_masked_kl(h, w, rh, rw, bias=b, **d, ce_weight=0.5, temperature=1.3, reduction=reduction,
-                                      backend="cpp")  # fmt: skip
+                                      backend=backend)  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
@@ -302,34 +320,40 @@ def _op_args(d, *, compute_grad, reduction="mean", requires_grad=True):
             0.8, 0.5, 1.5, -100, False, reduction, compute_grad)  # fmt: skip
 
 
-@needs_cpp
+def _ops(backend):
+    suffix = "_triton" if backend == "triton" else ""
+    return getattr(OPS, "fused_linear_masked_kl" + suffix), getattr(OPS, "fused_linear_masked_kl_backward" + suffix)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize(
     ("compute_grad", "reduction"), [(True, "mean"), (False, "mean"), (True, "sum"), (False, "none")]
 )
-def test_opcheck(compute_grad, reduction):
-    d = _inputs(9, 6, 17, torch.float64)
-    torch.library.opcheck(OPS.fused_linear_masked_kl, _op_args(d, compute_grad=compute_grad, reduction=reduction))
+def test_opcheck(backend, compute_grad, reduction):
+    d = _on(_inputs(9, 6, 17, torch.float64), backend)
+    forward, backward = _ops(backend)
+    torch.library.opcheck(forward, _op_args(d, compute_grad=compute_grad, reduction=reduction))
     n = d["hidden"].shape[0]
+    g = torch.randn(2, n, dtype=torch.float64).to(d["hidden"].device)
     torch.library.opcheck(
-        OPS.fused_linear_masked_kl_backward,
-        (torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64), d["hidden"], d["weight"], d["bias"],
-         d["ref_hidden"], d["ref_weight"], d["ref_bias"], d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100,
-         True),
+        backward,
+        (g[0], g[1], d["hidden"], d["weight"], d["bias"], d["ref_hidden"], d["ref_weight"], d["ref_bias"],
+         d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, True),
     )  # fmt: skip
 
 
-@needs_cpp
-def test_torch_compile_fullgraph():
-    d = _inputs(21, 8, 33, torch.float32)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_torch_compile_fullgraph(backend):
+    d = _on(_inputs(21, 8, 33, torch.float32), backend)
     kw = _kw(d, "hidden")
     compiled = torch.compile(
-        lambda h: fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend="cpp"), fullgraph=True, backend="aot_eager"
+        lambda h: fused_linear_masked_kl(h, **kw, ce_weight=0.5, backend=backend), fullgraph=True, backend="aot_eager"
     )
     h = d["hidden"].clone().requires_grad_(True)
     loss = compiled(h)
     loss.backward()
     h2 = d["hidden"].clone().requires_grad_(True)
-    want = fused_linear_masked_kl(h2, **kw, ce_weight=0.5, backend="cpp")
+    want = fused_linear_masked_kl(h2, **kw, ce_weight=0.5, backend=backend)
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(h.grad, h2.grad)
@@ -423,24 +447,46 @@ def test_bad_input_raises_a_clear_error(case):
         fused_linear_masked_kl(**args)
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("where", ["hidden", "weight", "ref_hidden", "bias"])
-def test_cpp_refuses_non_finite_inputs(where):
+def test_kernels_refuse_non_finite_inputs(backend, where):
     d = _inputs(5, 4, 7, torch.float32)
     d[where] = d[where].clone()
     d[where].view(-1)[3] = float("inf") if where == "bias" else float("nan")
     with pytest.raises(ValueError, match=f"{where} contains NaN or inf"):
-        fused_linear_masked_kl(**_kw(d, "target"), backend="cpp")
+        fused_linear_masked_kl(**_kw(_on(d, backend), "target"), backend=backend)
 
 
 @needs_cpp
-def test_cpp_rejects_half_precision_on_cpu_and_gpu_backends_are_not_written_yet():
+def test_cpp_rejects_half_precision_on_cpu():
     d = _inputs(5, 4, 7, torch.bfloat16)
     with pytest.raises(ValueError, match="float32 or float64"):
         fused_linear_masked_kl(**_kw(d, "target"), backend="cpp")
     # bfloat16 through the reference still works (accumulating in float32).
     assert fused_linear_masked_kl(**_kw(d, "target"), backend="reference").dtype == torch.float32
-    if torch.cuda.is_available():
-        g = {k: v.cuda() for k, v in _kw(d, "target").items()}
-        with pytest.raises(NotImplementedError, match="not implemented yet"):
-            fused_linear_masked_kl(**g)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.requires_cuda], id="cuda"),
+        pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.requires_triton], id="triton"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_error_at_most_twice_plain_pytorch(backend, dtype):
+    """DESIGN.md 6: on a GPU, our error against the float64 reference is at most 2x plain PyTorch's."""
+    if backend_device(backend) != "cuda":
+        pytest.skip("low-precision GEMMs are checked on a GPU (the Triton interpreter upcasts)")
+    d = _inputs(300, 64, 2000, dtype)
+    d.pop("target")
+    want, wgrads = _run(reference, _to64(d), 1.0)
+    got, grads = _run(_kernel(backend), _on(d, backend), 1.0)
+    plain, pgrads = _run(reference, _on(d, backend), 1.0)  # logits in the low dtype, as plain PyTorch
+
+    def err(a, b):
+        return float((a.double().cpu() - b).abs().max())
+
+    assert err(got, want) <= 2 * err(plain, want) + 1e-6
+    for k in grads:
+        assert err(grads[k], wgrads[k]) <= 2 * err(pgrads[k], wgrads[k]) + 1e-6, k

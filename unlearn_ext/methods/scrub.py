@@ -37,7 +37,11 @@ class Scrub(Unlearner):
     the first ``max_steps`` epochs one max-step pass over the forget set (maximise ``KL(p_o || p)``),
     then one min-step pass over the retain set (minimise ``alpha * KL(p_o || p) + gamma * L_r``).
 
-    Hyperparameters: epochs, max_steps, alpha, gamma, temperature, lr, momentum, weight_decay.
+    Hyperparameters: epochs, max_steps, alpha, gamma, temperature, lr, momentum, weight_decay, and
+    ``max_grad_norm``: the max-step gradient is clipped to this norm (None: no clipping). The max step
+    maximises an unbounded KL; without the clip the CNN of the bundled benchmark diverged in all 9
+    runs (forget KL ~1e4, the model left at chance). Measured on seed 0, classes 3 and 7: clip 1-5
+    stops SCRUB from forgetting; 20 forgets on both the MLP and the CNN and keeps the retained classes.
     """
 
     name = "scrub"
@@ -50,6 +54,7 @@ class Scrub(Unlearner):
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    max_grad_norm: float | None = 20.0
 
     def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -68,6 +73,8 @@ class Scrub(Unlearner):
                         kl = distill_kl(model(x), t_logits, self.temperature)
                         opt.zero_grad(set_to_none=True)
                         (-kl).backward()
+                        if self.max_grad_norm is not None:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
                         opt.step()
                         total, steps = total + kl.item(), steps + 1
                     entry["forget_kl"] = total / steps

@@ -5,8 +5,10 @@ vocabulary mask, plus ``ce_weight * CE``, from the hidden states and LM-head wei
 current and the reference (frozen) model, without materialising either model's ``[N, V]`` logits.
 
 Backends: ``cpp`` (C++ CPU kernel: token chunks, gradients computed in the forward pass with ATen
-GEMMs per chunk), ``reference`` (plain PyTorch on full logits). The ``triton`` and ``cuda`` kernels
-are not written yet and raise ``NotImplementedError``.
+GEMMs per chunk), ``triton`` (the same chunking with a Triton row kernel: online softmax over
+vocabulary tiles for both models in one sweep; on the CPU only under ``TRITON_INTERPRET=1``),
+``cuda`` (the same chunk driver with cuBLAS GEMMs and a CUDA row kernel; float32/float64 and
+bfloat16/float16 with float32 arithmetic), ``reference`` (plain PyTorch on full logits).
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ import math
 import torch
 
 from unlearn_ext import _loader
+from unlearn_ext._triton import HAS_TRITON
 from unlearn_ext.ops import _reference
 from unlearn_ext.ops._common import accum_dtype, check_float, check_same_device, check_tensor, resolve_backend
 
 __all__ = ["fused_linear_masked_kl"]
 
 OP = "fused_linear_masked_kl"
+
+if HAS_TRITON:
+    from unlearn_ext.ops import _masked_kl_triton
+else:  # pragma: no cover - exercised only without Triton
+    _masked_kl_triton = None
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -69,21 +77,21 @@ def fused_linear_masked_kl(
         hidden, weight, ref_hidden, ref_weight, bias, ref_bias, token_mask, vocab_mask, target,
         ce_weight, kl_weight, temperature, ignore_index, renormalize, reduction,
     )  # fmt: skip
-    be = resolve_backend(backend, hidden.device, OP, has_cuda_kernel=False)
+    be = resolve_backend(backend, hidden.device, OP)
     if be == "reference":
         return _reference.fused_linear_masked_kl_reference(
             hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, token_mask=token_mask,
             vocab_mask=vocab_mask, target=target, ce_weight=ce_weight, kl_weight=kl_weight,
             temperature=temperature, ignore_index=ignore_index, renormalize=renormalize, reduction=reduction,
         )  # fmt: skip
-    if be in ("cuda", "triton"):
-        raise NotImplementedError(
-            f"{OP}: the {be} kernel is not implemented yet (only 'cpp' on CPU and 'reference' exist); "
-            "use backend='reference' on GPU tensors for now"
-        )
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     compute_grad = needs_grad and reduction != "none"
-    loss, _, _, _ = torch.ops.unlearn_ext.fused_linear_masked_kl(
+    op = (
+        torch.ops.unlearn_ext.fused_linear_masked_kl_triton
+        if be == "triton"
+        else torch.ops.unlearn_ext.fused_linear_masked_kl
+    )
+    loss, _, _, _ = op(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
         float(kl_weight), float(ce_weight), float(temperature), int(ignore_index), bool(renormalize), reduction,
         compute_grad,
@@ -196,53 +204,65 @@ def _backward_fake(
     return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-     kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad) = inputs  # fmt: skip
-    _, gh, gw, gb = output
-    ctx.mark_non_differentiable(gh, gw, gb)
-    ctx.has_bias = bias is not None
-    ctx.options = (kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad)
-    if compute_grad:  # the forward already computed the gradients of the loss: backward only scales them
-        ctx.save_for_backward(gh, gw, gb)
-    else:
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target)
+def make_autograd(backward_op):
+    """(backward, setup_context) of a forward op whose recompute path calls ``backward_op``."""
 
+    def setup_context(ctx, inputs, output) -> None:
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
+         kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad) = inputs  # fmt: skip
+        _, gh, gw, gb = output
+        ctx.mark_non_differentiable(gh, gw, gb)
+        ctx.has_bias = bias is not None
+        ctx.options = (kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad)
+        if compute_grad:  # the forward already computed the gradients of the loss: backward only scales them
+            ctx.save_for_backward(gh, gw, gb)
+        else:
+            ctx.save_for_backward(
+                hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target
+            )
 
-def _backward(ctx, grad_loss, _gh, _gw, _gb):
-    kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad = ctx.options
-    needs = ctx.needs_input_grad
-    if compute_grad:
-        gh, gw, gb = ctx.saved_tensors
-        g = grad_loss.to(gh.dtype)
-        dh = gh * g if needs[0] else None
-        dw = gw * g if needs[1] else None
-        db = gb * g if ctx.has_bias and needs[2] else None
-    else:
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target = ctx.saved_tensors
-        n = hidden.shape[0]
-        acc = grad_loss.dtype
-        tm = torch.ones(n, dtype=acc, device=hidden.device) if token_mask is None else token_mask.to(acc)
-        valid = torch.zeros(n, dtype=acc, device=hidden.device) if target is None else (target != ignore_index).to(acc)
-        gk, gc = grad_loss * kl_weight * tm, grad_loss * ce_weight * valid
-        if reduction == "mean":
-            gk, gc = gk / tm.sum().clamp_min(1), gc / valid.sum().clamp_min(1)
-        dh, dw, db = torch.ops.unlearn_ext.fused_linear_masked_kl_backward(
-            gk, gc, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-            temperature, ignore_index, renormalize,
-        )  # fmt: skip
-        dh = dh if needs[0] else None
-        dw = dw if needs[1] else None
-        db = db if ctx.has_bias and needs[2] else None
-    return dh, dw, db, *([None] * 13)
+    def backward(ctx, grad_loss, _gh, _gw, _gb):
+        kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad = ctx.options
+        needs = ctx.needs_input_grad
+        if compute_grad:
+            gh, gw, gb = ctx.saved_tensors
+            g = grad_loss.to(gh.dtype)
+            dh = gh * g if needs[0] else None
+            dw = gw * g if needs[1] else None
+            db = gb * g if ctx.has_bias and needs[2] else None
+        else:
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target = ctx.saved_tensors
+            n = hidden.shape[0]
+            acc = grad_loss.dtype
+            tm = torch.ones(n, dtype=acc, device=hidden.device) if token_mask is None else token_mask.to(acc)
+            valid = (
+                torch.zeros(n, dtype=acc, device=hidden.device) if target is None else (target != ignore_index).to(acc)
+            )
+            gk, gc = grad_loss * kl_weight * tm, grad_loss * ce_weight * valid
+            if reduction == "mean":
+                gk, gc = gk / tm.sum().clamp_min(1), gc / valid.sum().clamp_min(1)
+            dh, dw, db = backward_op(
+                gk, gc, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
+                temperature, ignore_index, renormalize,
+            )  # fmt: skip
+            dh = dh if needs[0] else None
+            dw = dw if needs[1] else None
+            db = db if ctx.has_bias and needs[2] else None
+        return dh, dw, db, *([None] * 13)
+
+    return backward, setup_context
 
 
 def _register_compiled_ops() -> None:
     lib = "unlearn_ext::"
     torch.library.register_fake(lib + OP)(_forward_fake)
     torch.library.register_fake(lib + OP + "_backward")(_backward_fake)
-    torch.library.register_autograd(lib + OP, _backward, setup_context=_setup_context)
+    backward, setup = make_autograd(torch.ops.unlearn_ext.fused_linear_masked_kl_backward)
+    torch.library.register_autograd(lib + OP, backward, setup_context=setup)
 
 
 if _loader.extension_loaded():
     _register_compiled_ops()
+
+if _masked_kl_triton is not None:
+    _masked_kl_triton.register(_forward_fake, _backward_fake, make_autograd)
