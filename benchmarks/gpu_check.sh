@@ -5,6 +5,7 @@
 #   under $OUT (what the device tool brings back), named after the GPU.
 # Usage there:  bash benchmarks/gpu_check.sh            (OUT defaults to ./.gpu_out)
 # Knobs: SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS="..." (extra bench_fisher.py flags).
+# Benchmarks: bench_fisher.py and bench_masked_kl.py, JSON named after the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.gpu_out}
@@ -43,6 +44,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   $PY benchmarks/bench_fisher.py --device cuda --out "fisher_${gpu}" ${BENCH_ARGS:-} >"$OUT/bench_fisher.log" 2>&1 || status=1
   tail -40 "$OUT/bench_fisher.log"
   cp benchmarks/results/fisher_"${gpu}".json "$OUT/" 2>/dev/null || true
+  # SIU's loss at Llama-3 sizes (N=8192, H=4096, V=128256, bf16): torch, Liger (if installed), cuda, triton.
+  timeout 300 $PY benchmarks/bench_masked_kl.py --device cuda --out "masked_kl_${gpu}" \
+    >"$OUT/bench_masked_kl.log" 2>&1 || status=1
+  tail -15 "$OUT/bench_masked_kl.log"
+  cp benchmarks/results/masked_kl_"${gpu}".json "$OUT/" 2>/dev/null || true
 fi
 echo "gpu_check: done (status $status); files in $OUT"
 exit $status
