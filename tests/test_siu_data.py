@@ -29,17 +29,9 @@ def _data(**change):
     return build_siu_data(CONCEPT, **kw)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    from unlearn_ext.models import smollm2_gguf_path
-
-    try:
-        path = smollm2_gguf_path()
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        pytest.skip(str(exc))
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+@pytest.fixture
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_four_targets_in_order_with_their_phrases():
