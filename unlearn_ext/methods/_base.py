@@ -25,12 +25,13 @@ _REGISTRY: dict[str, type[Unlearner]] = {}
 
 #: Methods specified in DESIGN.md 5 whose issue has not landed yet.
 PLANNED = {
-    "siu": "SIU (issue 4: fused masked KL, multimodal benchmark)",
+    "siu": "SIU works on (multimodal) LLMs, not classifiers: use unlearn_ext.siu.train.finetune_llm("
+    "objective='siu'); its unlearn()/CLI entry point comes with the MiniMMU benchmark (issue 4)",
     "opc": "OPC (issue 5: fused CE + norm penalty)",
     "muso": "MUSO (issue 6: optimal relabelling)",
-    "ga": "GA for (M)LLMs (issue 4)",
-    "ga_kl": "GA+KL for (M)LLMs (issue 4)",
-    "po": "PO for (M)LLMs (issue 4)",
+    "ga": "GA for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='ga') (CLI: issue 4)",
+    "ga_kl": "GA+KL for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='ga_kl') (CLI: issue 4)",
+    "po": "PO for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='po') (CLI: issue 4)",
 }
 
 
