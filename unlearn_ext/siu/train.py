@@ -13,7 +13,7 @@ the data and in the weights of the two terms of :class:`unlearn_ext.losses.Fused
 The model is any module with ``.model(input_ids=..., pixel_values=..., attention_mask=...)``
 returning ``.last_hidden_state`` and an ``.lm_head`` (Hugging Face ``LlavaForConditionalGeneration``,
 ``LlamaForCausalLM`` and the MiniMMU model all have that shape); the reference model is a frozen copy
-of the input. The input model is never modified.
+of the input. The input model is never modified; the copy is trained in eval mode (see below).
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def finetune_llm(
 
     t0 = time.perf_counter()
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    student = copy.deepcopy(model).train()
+    # Eval mode throughout: a few steps on one image must not re-estimate normalisation statistics
+    # (BatchNorm in a vision encoder) from it, and dropout would only add noise to so few steps.
+    student = copy.deepcopy(model).eval()
     params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
     if not params:
         raise ValueError(f"no parameter name contains {cfg.train!r}")
@@ -170,5 +172,5 @@ def finetune_llm(
             value = float(loss.detach())
             log.append({"step": step, "loss": value})
             advance(1, f"loss {value:.3f}")
-    student.eval().requires_grad_(True)
+    student.requires_grad_(True)
     return FinetuneResult(student, time.perf_counter() - t0, log)

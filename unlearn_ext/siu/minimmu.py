@@ -1,0 +1,233 @@
+"""MiniMMU's model: a LLaVA-style multimodal LM built from real parts that runs on a CPU.
+
+``MiniLlava`` = a small convolutional vision encoder on 28x28 digits, whose feature map is pooled
+to ``num_image_tokens`` visual tokens, a two-layer projector into the language model's embedding
+space, and a causal language model (SmolLM2-135M-Instruct in the benchmark; any Hugging Face
+``*ForCausalLM`` with ``.model`` and ``.lm_head`` works). The visual tokens replace placeholder
+tokens (``image_token_id``) in the input sequence, so positions, labels and SIU's masks are all
+indexed by the model's own sequence.
+
+It has the shape :func:`unlearn_ext.siu.train.finetune_llm` expects: ``.model(input_ids=...,
+pixel_values=..., attention_mask=...)`` returns ``.last_hidden_state`` and ``.lm_head`` is the
+language model's head.
+
+:func:`train_connector` teaches the vision encoder and projector (the language model frozen) to
+answer questions about digit images; :func:`greedy_answer` decodes answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unlearn_ext._progress import progress_bar
+from unlearn_ext.siu.data import SIUSample
+from unlearn_ext.siu.masks import encode_sample
+from unlearn_ext.siu.train import collate
+
+__all__ = [
+    "DIGIT_WORDS",
+    "ConnectorConfig",
+    "MiniLlava",
+    "digit_qa",
+    "greedy_answer",
+    "train_connector",
+]
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+#: The questions about an image, and the answer template ("{word}": the digit's name).
+IMAGE_QA: tuple[tuple[str, str], ...] = (
+    ("Which digit is this?", "This is the digit {word}."),
+    ("What number is shown in the image?", "The image shows the number {word}."),
+)
+
+
+class _VisionEncoder(nn.Module):
+    """1x28x28 -> [num_image_tokens, width]: two strided conv-BN-ReLU blocks, adaptive pooling."""
+
+    def __init__(self, width: int, num_image_tokens: int) -> None:
+        super().__init__()
+        side = int(round(num_image_tokens**0.5))
+        if side * side != num_image_tokens:
+            raise ValueError(f"num_image_tokens must be a square (1, 4, 9, ...), got {num_image_tokens}")
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width // 2),
+            nn.ReLU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(side),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(2).transpose(1, 2)  # [B, tokens, width]
+
+
+class _Backbone(nn.Module):
+    """Vision encoder + projector + the language model's decoder (without its head)."""
+
+    def __init__(self, language_model: nn.Module, image_token_id: int, num_image_tokens: int, width: int) -> None:
+        super().__init__()
+        hidden = language_model.config.hidden_size
+        self.vision = _VisionEncoder(width, num_image_tokens)
+        self.projector = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.decoder = language_model.model
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> SimpleNamespace:
+        embeds = self.decoder.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_tokens = int(is_image.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"the input has {n_tokens} image tokens but no pixel_values")
+        else:
+            feats = self.projector(self.vision(pixel_values.to(embeds.dtype)))  # [I, tokens, hidden]
+            if feats.shape[0] * feats.shape[1] != n_tokens:
+                raise ValueError(
+                    f"{feats.shape[0]} images give {feats.shape[0] * feats.shape[1]} visual tokens, "
+                    f"but the input has {n_tokens} image tokens"
+                )
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask)
+        return SimpleNamespace(last_hidden_state=out.last_hidden_state)
+
+
+class MiniLlava(nn.Module):
+    """LLaVA-style model: ``model`` (vision + projector + decoder) and ``lm_head``; see the module doc."""
+
+    def __init__(
+        self, language_model: nn.Module, *, image_token_id: int, num_image_tokens: int = 4, width: int = 64
+    ) -> None:
+        super().__init__()
+        vocab = language_model.get_output_embeddings().weight.shape[0]
+        if not 0 <= image_token_id < vocab:
+            raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary of size {vocab}")
+        self.model = _Backbone(language_model, image_token_id, num_image_tokens, width)
+        self.lm_head = language_model.lm_head
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (for generation and evaluation; training goes through the fused loss)."""
+        return self.lm_head(self.model(input_ids, pixel_values, attention_mask).last_hidden_state)
+
+    def connector_parameters(self) -> list[nn.Parameter]:
+        return [*self.model.vision.parameters(), *self.model.projector.parameters()]
+
+
+def digit_qa(label: int, question: int = 0) -> SIUSample:
+    """The image question/answer pair number ``question`` for a digit ``label`` (an image sample)."""
+    q, a = IMAGE_QA[question % len(IMAGE_QA)]
+    return SIUSample(kind=0, prompt=q, answer=a.format(word=DIGIT_WORDS[label]), has_image=True, target_phrase=None)
+
+
+@dataclass(kw_only=True)
+class ConnectorConfig:
+    """Training of the vision encoder and projector (the language model frozen): ``epochs`` over
+    ``num_images`` images (stratified by the order given), Adam at ``lr``, batches of ``batch_size``."""
+
+    num_images: int = 1000
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def train_connector(
+    model: MiniLlava,
+    tokenizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: ConnectorConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train ``model``'s vision encoder and projector in place on digit Q/A; returns a log dict.
+
+    images: ``[N, 1, 28, 28]`` (standardised), labels: ``[N]`` digit ids.
+    """
+    cfg = config or ConnectorConfig()
+    n = min(cfg.num_images, images.shape[0])
+    if n < 1:
+        raise ValueError("train_connector needs at least one image")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = model.connector_parameters()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [
+        encode_sample(digit_qa(int(labels[i]), q), tokenizer, image_token_id=model.image_token_id,
+                      num_image_tokens=model.num_image_tokens)
+        for i in range(n) for q in range(len(IMAGE_QA))
+    ]  # fmt: skip
+    image_of = [i for i in range(n) for _ in range(len(IMAGE_QA))]
+    steps = cfg.epochs * ((len(encoded) + cfg.batch_size - 1) // cfg.batch_size)
+    model.train()
+    model.lm_head.eval()
+    model.model.decoder.eval()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with progress_bar(steps, "MiniMMU connector", progress) as advance:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(encoded), generator=gen).tolist()
+            for b0 in range(0, len(order), cfg.batch_size):
+                idx = order[b0 : b0 + cfg.batch_size]
+                batch = collate([encoded[i] for i in idx], pad)
+                pixels = images[[image_of[i] for i in idx]]
+                logits = model(batch["input_ids"], pixels, batch["attention_mask"])
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                advance(1, f"loss {losses[-1]:.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def greedy_answer(
+    model: MiniLlava,
+    tokenizer,
+    prompt: str,
+    image: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 16,
+) -> str:
+    """Greedy decoding of the answer to ``prompt`` (with ``image`` ``[1, 28, 28]`` or without)."""
+    sample = SIUSample(kind=0, prompt=prompt, answer="x", has_image=image is not None, target_phrase=None)
+    enc = encode_sample(
+        sample, tokenizer, image_token_id=model.image_token_id,
+        num_image_tokens=model.num_image_tokens if image is not None else 0,
+    )  # fmt: skip
+    context = enc.input_ids[(enc.labels == -100)].tolist()  # image tokens + chat prefix
+    ids = torch.tensor([context])
+    pixels = image.unsqueeze(0) if image is not None else None
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(model(ids, pixels)[0, -1].argmax())
+        if nxt == tokenizer.eos_token_id:
+            break
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
