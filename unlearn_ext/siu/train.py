@@ -44,7 +44,10 @@ class FinetuneConfig:
     cites from the paper). ``steps`` optimiser steps of ``batch_size`` samples (cycling through the
     data in a seeded order), Adam at ``lr``. ``temperature`` and ``renormalize`` go to the KL.
     ``train`` names the parameters to train: ``"all"``, or a substring that a parameter's name must
-    contain (e.g. ``"multi_modal_projector"``); everything else is frozen.
+    contain (e.g. ``"multi_modal_projector"``); everything else is frozen. ``lora_rank``: train
+    LoRA adapters (through ``peft``) on the ``lora_targets`` linear layers instead, plus the
+    parameters named by ``train`` when it is not ``"all"``; the adapters are merged into the
+    returned model, so it has the input's architecture.
     """
 
     objective: str = "siu"
@@ -58,6 +61,9 @@ class FinetuneConfig:
     train: str = "all"
     seed: int = 0
     backend: str = "auto"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default 2 * lora_rank
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -88,6 +94,25 @@ def _hidden(model: nn.Module, batch: dict, pixel_values: torch.Tensor | None) ->
     if pixel_values is not None:
         kwargs["pixel_values"] = pixel_values
     return model.model(**kwargs).last_hidden_state
+
+
+def _add_lora(model: nn.Module, cfg: FinetuneConfig):
+    """Inject LoRA adapters into ``model`` in place; returns the peft ``LoraModel`` (for merging)."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+    except ImportError as exc:
+        raise ModuleNotFoundError("lora_rank needs peft: pip install peft") from exc
+    if cfg.lora_rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = [t for t in cfg.lora_targets if t in names]
+    if not targets:
+        raise ValueError(f"none of lora_targets {list(cfg.lora_targets)} names a Linear layer of the model")
+    config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, target_modules=targets, lora_dropout=0.0
+    )
+    return LoraModel(model, config, "default")
 
 
 def finetune_llm(
@@ -134,7 +159,13 @@ def finetune_llm(
     # Eval mode throughout: a few steps on one image must not re-estimate normalisation statistics
     # (BatchNorm in a vision encoder) from it, and dropout would only add noise to so few steps.
     student = copy.deepcopy(model).eval()
-    params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
+    lora = None
+    if cfg.lora_rank is not None:
+        lora = _add_lora(student, cfg)
+        params = [p for n, p in student.named_parameters() if "lora_" in n]
+        params += [p for n, p in student.named_parameters() if cfg.train != "all" and cfg.train in n]
+    else:
+        params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
     if not params:
         raise ValueError(f"no parameter name contains {cfg.train!r}")
     for p in student.parameters():
@@ -172,5 +203,7 @@ def finetune_llm(
             value = float(loss.detach())
             log.append({"step": step, "loss": value})
             advance(1, f"loss {value:.3f}")
+    if lora is not None:
+        student = lora.merge_and_unload()
     student.requires_grad_(True)
     return FinetuneResult(student, time.perf_counter() - t0, log)
