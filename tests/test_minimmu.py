@@ -72,7 +72,11 @@ def test_connector_training_lowers_the_answer_loss_and_freezes_the_language_mode
     model = _tiny_model(tok)
     lm_before = {k: v.clone() for k, v in model.model.decoder.state_dict().items()}
     log = train_connector(
-        model, tok, mnist.x_train, mnist.y_train, config=ConnectorConfig(num_images=48, epochs=2, batch_size=16)
+        model,
+        tok,
+        mnist.x_train,
+        mnist.y_train,
+        config=ConnectorConfig(num_images=48, epochs=2, batch_size=16, pretrain_epochs=1),
     )
     assert log["steps"] == 2 * 6 and log["last_loss"] < log["first_loss"]
     assert all(torch.equal(v, lm_before[k]) for k, v in model.model.decoder.state_dict().items())
@@ -108,7 +112,7 @@ def test_build_minimmu_with_smollm2_trains_once_then_loads_from_the_cache(monkey
     from unlearn_ext.siu.minimmu import build_minimmu
 
     monkeypatch.setenv("UNLEARN_EXT_CACHE", str(tmp_path))
-    cfg = ConnectorConfig(num_images=8, epochs=1, batch_size=16)
+    cfg = ConnectorConfig(num_images=8, epochs=1, batch_size=16, pretrain_epochs=0)
     model, tok, ds, info = build_minimmu(config=cfg, progress=False)
     assert info["cached"] is False and info["steps"] == 1
     assert model.lm_head.weight.shape == (len(tok), 576)  # SmolLM2-135M's head
