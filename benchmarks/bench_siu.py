@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank instead of full fine-tuning")
     p.add_argument("--held-out", type=int, default=20, help="held-out test images of the digit (generality)")
     p.add_argument("--others", type=int, default=3, help="test images per other digit (specificity)")
     p.add_argument("--out", default="siu_minimmu")
@@ -121,8 +122,15 @@ def main() -> None:
     print(f"MiniMMU: {info}", flush=True)
     rows, per_digit = [], {}
     for digit in args.digits:
-        train_idx = int((ds.y_train == digit).nonzero()[0])
-        image = ds.x_train[train_idx]
+        # The forget image: the first training image of the digit that the original model names correctly
+        # (forgetting what the model never recognised would measure nothing).
+        image = None
+        for i in (ds.y_train == digit).nonzero().flatten()[:50].tolist():
+            if DIGIT_WORDS[digit] in greedy_answer(model, tok, "Which digit is this?", ds.x_train[i]).lower():
+                image = ds.x_train[i]
+                break
+        if image is None:
+            raise SystemExit(f"the original MiniMMU model names none of the first 50 training images of {digit}")
         test_idx = (ds.y_test == digit).nonzero().flatten()[: args.held_out]
         held_out = [ds.x_test[i] for i in test_idx]
         others = [(ds.x_test[i], int(ds.y_test[i])) for d in range(10) if d != digit
@@ -141,7 +149,9 @@ def main() -> None:
             samples, images = _method_data(method, digit, image, tok, model)
             res = finetune_llm(
                 model, samples, images=images, vocab_mask=vocab_mask, pad_id=tok.pad_token_id,
-                config=FinetuneConfig(objective=method, steps=args.steps, lr=args.lr, batch_size=4),
+                config=FinetuneConfig(
+                    objective=method, steps=args.steps, lr=args.lr, batch_size=4, lora_rank=args.lora_rank
+                ),
                 progress=not args.no_progress,
             )  # fmt: skip
             m = evaluate(res.model, model, *ctx)
@@ -157,11 +167,18 @@ def main() -> None:
             [method, *(H.format_float(summary[method][k]) for k in keys), H.format_float(summary[method]["seconds"])]
         )
     H.print_table(f"MiniMMU, mean over digits {args.digits}", ["method", *keys, "s"], table)
-    path = H.write_json(
-        args.out,
-        {"digits": args.digits, "steps": args.steps, "lr": args.lr, "minimmu": info, "rows": rows, "summary": summary,
-         "environment": H.environment_info("cpu"), "wall_seconds": time.perf_counter() - t_start},
-    )  # fmt: skip
+    payload = {
+        "digits": args.digits,
+        "steps": args.steps,
+        "lr": args.lr,
+        "lora_rank": args.lora_rank,
+        "minimmu": info,
+        "rows": rows,
+        "summary": summary,
+        "environment": H.environment_info("cpu"),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    path = H.write_json(args.out, payload)
     print(f"wrote {path}")
 
 
