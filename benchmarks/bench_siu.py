@@ -58,7 +58,7 @@ def _probe_prompts() -> list[str]:
     return [q for q, _ in IMAGE_QA]
 
 
-def _method_data(method, digit, image, tok, model):
+def _method_data(method, digit, image, tok, model, retain_images=()):
     word = DIGIT_WORDS[digit]
     enc = dict(image_token_id=model.image_token_id, num_image_tokens=model.num_image_tokens)
     if method == "siu":
@@ -69,6 +69,14 @@ def _method_data(method, digit, image, tok, model):
             facts=[f"Yes, {word} is {'an odd' if digit % 2 else 'an even'} number."], other_concepts=others,
             kind="digit", identity_prompts=[q for q, _ in IMAGE_QA] + ["Which digit is in the picture?"],
         )  # fmt: skip
+        # Non-targeted knowledge with images too: other digits' images with their normal answers
+        # (type 4; the released SIU data has text-only type-4 samples, which a 135M model cannot
+        # generalise from: it then names every image with the fictitious name).
+        retain = [(SIUSample(4, IMAGE_QA[0][0], IMAGE_QA[0][1].format(word=DIGIT_WORDS[y]), True, None), x)
+                  for x, y in retain_images]  # fmt: skip
+        samples = [encode_sample(s, tok, **enc) for s in data] + [encode_sample(s, tok, **enc) for s, _ in retain]
+        images = [image if s.has_image else None for s in data] + [x for _, x in retain]
+        return samples, images
     elif method in ("ga", "ga_kl"):
         data = [SIUSample(1, q, a.format(word=word), True, None) for q, a in IMAGE_QA]
     else:
@@ -114,6 +122,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank instead of full fine-tuning")
     p.add_argument("--held-out", type=int, default=20, help="held-out test images of the digit (generality)")
     p.add_argument("--others", type=int, default=3, help="test images per other digit (specificity)")
+    p.add_argument("--image-retain", type=int, default=1, help="training images per other digit in SIU's type-4 data")
     p.add_argument("--out", default="siu_minimmu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -146,7 +155,9 @@ def main() -> None:
         print(f"digit {digit} original: {base}", flush=True)
         vocab_mask = concept_vocab_mask(tok, DIGIT_WORDS[digit], len(tok))
         for method in args.methods:
-            samples, images = _method_data(method, digit, image, tok, model)
+            retain_images = [(ds.x_train[i], d) for d in range(10) if d != digit
+                             for i in (ds.y_train == d).nonzero().flatten()[: args.image_retain].tolist()]  # fmt: skip
+            samples, images = _method_data(method, digit, image, tok, model, retain_images)
             res = finetune_llm(
                 model, samples, images=images, vocab_mask=vocab_mask, pad_id=tok.pad_token_id,
                 config=FinetuneConfig(
