@@ -118,6 +118,7 @@ def test_build_minimmu_with_smollm2_trains_once_then_loads_from_the_cache(monkey
     assert model.lm_head.weight.shape == (len(tok), 576)  # SmolLM2-135M's head
     again, _, _, info2 = build_minimmu(config=cfg, progress=False)
     assert info2["cached"] is True and info2["path"] == info["path"]
+    assert info2["build_log"]["steps"] == 1  # the build's log travels with the cache entry
     for a, b in zip(model.connector_parameters(), again.connector_parameters(), strict=True):
         assert torch.equal(a, b)
     # A corrupt cache entry is an error that names the file, not a silently different model.

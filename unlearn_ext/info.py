@@ -18,7 +18,7 @@ from unlearn_ext._triton import (
     triton_available,
     triton_unavailable_reason,
 )
-from unlearn_ext.ops import NOT_IMPLEMENTED, OPS
+from unlearn_ext.ops import OPS
 
 
 def _devices() -> list[torch.device]:
@@ -44,8 +44,6 @@ def backend_status(op: str, device: torch.device) -> dict[str, str]:
         status["cpp"] = "n/a on cuda"
         status["cuda"] = "ok" if _loader.has_kernel(op, device) else _missing(cuda=True)
     status["triton"] = "ok" if triton_available(device) else triton_unavailable_reason(device)
-    for backend in NOT_IMPLEMENTED.get(op, ()):
-        status[backend] = "not implemented yet"
     return status
 
 

@@ -89,14 +89,14 @@ __device__ __forceinline__ RowState<acc_t> shfl_down(const RowState<acc_t>& s, i
   return o;
 }
 
-// Add one entry to a running (max, sum...) state.
+// Add x to a running (max m, sum s of e^(x - m)) pair: the current model's softmax and the CE's.
 template <typename acc_t>
-__device__ __forceinline__ void add_current(RowState<acc_t>& st, acc_t s) {
-  if (s > st.ms) {
-    st.ss = st.ss * rel_exp(st.ms, s) + acc_t(1);
-    st.ms = s;
+__device__ __forceinline__ void add_online(acc_t& m, acc_t& s, acc_t x) {
+  if (x > m) {
+    s = s * rel_exp(m, x) + acc_t(1);
+    m = x;
   } else {
-    st.ss += exp(s - st.ms);
+    s += exp(x - m);
   }
 }
 
@@ -113,16 +113,6 @@ __device__ __forceinline__ void add_reference(RowState<acc_t>& st, acc_t t, acc_
     st.st += e;
     st.sm += k * e;
     st.sx += k * e * t_minus_s;
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void add_ce(RowState<acc_t>& st, acc_t z) {
-  if (z > st.mc) {
-    st.sc = st.sc * rel_exp(st.mc, z) + acc_t(1);
-    st.mc = z;
-  } else {
-    st.sc += exp(z - st.mc);
   }
 }
 
@@ -153,12 +143,12 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t k = vmask != nullptr ? vmask[v] : acc_t(1);
       if (!renorm_kl || k != acc_t(0)) {
         const acc_t s = zv * inv_t, t = static_cast<acc_t>(r[v]) * inv_t;
-        add_current(st, s);
+        add_online(st.ms, st.ss, s);
         add_reference(st, t, k, t - s);
       }
     }
     if (want_ce) {
-      add_ce(st, zv);
+      add_online(st.mc, st.sc, zv);
       if (v == tgt) st.zt = zv;
     }
   }

@@ -432,6 +432,11 @@ def _bad_cases():
         "nan weight": (dict(kl_weight=float("nan")), ValueError, "kl_weight must be a finite"),
         "reduction": (dict(reduction="avg"), ValueError, "reduction must be one of"),
         "backend": (dict(backend="gpu"), ValueError, "backend must be one of"),
+        "device mismatch": (
+            dict(weight=d["weight"].to("meta")),
+            RuntimeError,
+            "weight is on meta but hidden is on cpu",
+        ),
     }
     return d, cases
 

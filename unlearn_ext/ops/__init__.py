@@ -5,7 +5,4 @@ from unlearn_ext.ops.sq_grad import sq_grad_conv2d, sq_grad_embedding, sq_grad_l
 
 # Names of the compiled ops behind the public functions (for `unlearn info` and tests).
 OPS = ("sq_grad_linear", "sq_grad_conv2d", "sq_grad_embedding", "fused_linear_masked_kl")
-# Backends an op does not have yet (they raise NotImplementedError; `unlearn info` says so).
-NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {}
-
-__all__ = ["NOT_IMPLEMENTED", "OPS", "fused_linear_masked_kl", "sq_grad_conv2d", "sq_grad_embedding", "sq_grad_linear"]
+__all__ = ["OPS", "fused_linear_masked_kl", "sq_grad_conv2d", "sq_grad_embedding", "sq_grad_linear"]

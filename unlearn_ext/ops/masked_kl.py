@@ -20,7 +20,14 @@ import torch
 from unlearn_ext import _loader
 from unlearn_ext._triton import HAS_TRITON
 from unlearn_ext.ops import _reference
-from unlearn_ext.ops._common import accum_dtype, check_float, check_same_device, check_tensor, resolve_backend
+from unlearn_ext.ops._common import (
+    _is_tracing,
+    accum_dtype,
+    check_float,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+)
 
 __all__ = ["fused_linear_masked_kl"]
 
@@ -166,17 +173,11 @@ def _check_args(
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(renormalize, bool):
         raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
-    if target is not None and n > 0 and not _tracing(target):
+    if target is not None and n > 0 and not _is_tracing(target):
         valid = target[target != ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= v):
             bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
             raise ValueError(f"target ids must be in [0, {v}) or ignore_index ({ignore_index}), got {bad}")
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    from unlearn_ext.ops._common import _is_tracing
-
-    return _is_tracing(t)
 
 
 # --------------------------------------------------------------------------------------------

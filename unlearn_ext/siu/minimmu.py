@@ -17,6 +17,7 @@ answer questions about digit images; :func:`greedy_answer` decodes answers.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -270,6 +271,18 @@ def greedy_answer(
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+def _build_log(path) -> dict:
+    """The training log stored with a cached connector ({} for entries written without one)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return {"build_log": json.loads(meta["build_log"])}
+    except (KeyError, ValueError):
+        return {}
+
+
 def _connector_state(model: MiniLlava) -> dict[str, torch.Tensor]:
     """The trained part of MiniLlava (vision encoder and projector), flat names, contiguous tensors."""
     parts = {"vision": model.model.vision, "projector": model.model.projector}
@@ -327,7 +340,9 @@ def build_minimmu(
         model.model.vision.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("vision.")})
         model.model.projector.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("projector.")})
         model.eval()
-        return model, tok, ds, {"cached": True, "path": str(path)}
+        return model, tok, ds, {"cached": True, "path": str(path), **_build_log(path)}
     log = train_connector(model, tok, ds.x_train, ds.y_train, config=cfg, progress=progress)
-    atomic_write_bytes(path, save(_connector_state(model), metadata={"key": str(key)}))
+    # The training log travels with the cache entry, so a cached build still reports what it cost.
+    meta = {"key": json.dumps(key, default=str), "build_log": json.dumps(log)}
+    atomic_write_bytes(path, save(_connector_state(model), metadata=meta))
     return model, tok, ds, {"cached": False, "path": str(path), **log}
