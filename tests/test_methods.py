@@ -404,7 +404,13 @@ def test_get_method_unknown_name_lists_the_available_ones():
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["opc", "siu", "muso"])
+@pytest.mark.parametrize("name", ["siu", "ga", "ga_kl", "po"])
+def test_concept_setting_methods_point_to_unlearn_concept(name):
+    with pytest.raises(ValueError, match=rf"'{name}' forgets a visual concept.*unlearn_concept.*unlearn mmu"):
+        get_method(name)
+
+
+@pytest.mark.parametrize("name", ["opc", "muso"])
 def test_get_method_planned_names_are_not_implemented(name):
     if name in available_methods():
         pytest.skip(f"{name} has been implemented since")

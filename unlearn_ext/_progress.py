@@ -58,3 +58,13 @@ def progress_bar(total: int | None, description: str, enabled: bool = True) -> I
     with Progress(*_columns(), transient=True) as progress:
         task = progress.add_task(description, total=total, status="")
         yield lambda n=1, status="": progress.update(task, advance=n, status=status)
+
+
+def progress_print(*objects) -> None:
+    """Print a line above the live bars of the enclosing session (or plainly without one)."""
+    if _active is not None:
+        _active.console.print(*objects)
+    else:
+        from rich.console import Console
+
+        Console().print(*objects)

@@ -1,4 +1,5 @@
-"""The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method) and ``info``.
+"""The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method), ``mmu`` (SIU and its
+baselines on the MiniMMU multimodal model) and ``info``.
 
 ``apply`` (checkpoint in, verified checkpoint out) arrives with the production issue.
 """
@@ -78,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
             help=", ".join(methods),
         )
 
+    mmu = sub.add_parser(
+        "mmu", help="forget a digit from MiniMMU (SmolLM2 + a digit vision encoder) with SIU, GA, GA+KL, PO"
+    )
+    from unlearn_ext.siu.api import CONCEPT_METHODS
+
+    mmu.add_argument("--digits", type=int, nargs="+", default=[7, 3, 0], metavar="D", help="digits, one at a time")
+    mmu.add_argument("--methods", nargs="+", default=list(CONCEPT_METHODS), choices=CONCEPT_METHODS, metavar="M",
+                     help=f"methods (default all: {', '.join(CONCEPT_METHODS)})")  # fmt: skip
+    mmu.add_argument("--steps", type=int, default=12, help="fine-tuning steps (default 12)")
+    mmu.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate (default 3e-5)")
+    mmu.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank (default: full)")
+    mmu.add_argument("--image-retain", type=int, default=1, help="images per other digit in SIU's data (default 1)")
+    mmu.add_argument("--held-out", type=int, default=20, help="test images of the digit for generality (default 20)")
+    mmu.add_argument("--others", type=int, default=3, help="test images per other digit for specificity (default 3)")
+    mmu.add_argument("--seed", type=int, default=0)
+    mmu.add_argument("--out", type=Path, default=Path("unlearn-mmu"), help="output folder (default unlearn-mmu)")
+    mmu.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     info = sub.add_parser("info", help="versions, build and the backends usable on each device")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
@@ -100,6 +119,30 @@ def _run_and_report(spec, args) -> int:
     return 0
 
 
+def _mmu(args) -> int:
+    from rich.console import Console
+
+    from unlearn_ext._progress import progress_print, progress_session
+    from unlearn_ext.report import print_mmu_table, write_mmu_report
+    from unlearn_ext.siu.benchmark import MMUSpec, run_minimmu
+
+    try:
+        spec = MMUSpec(
+            digits=tuple(args.digits), methods=tuple(args.methods), steps=args.steps, lr=args.lr,
+            lora_rank=args.lora_rank, image_retain=args.image_retain, held_out=args.held_out,
+            others=args.others, seed=args.seed,
+        )  # fmt: skip
+        with progress_session(not args.no_progress):
+            report = run_minimmu(spec, progress=not args.no_progress, log=progress_print)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unlearn mmu: error: {e}", file=sys.stderr)
+        return 2
+    print_mmu_table(report)
+    paths = write_mmu_report(report, args.out)
+    Console().print(f"wrote {', '.join(str(p) for p in paths)} in {report['wall_seconds']:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -107,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         from unlearn_ext import info
 
         return info.main(["--json"] if args.json else [])
+
+    if args.command == "mmu":
+        return _mmu(args)
 
     from unlearn_ext.experiment import ExperimentSpec
     from unlearn_ext.methods import method_class

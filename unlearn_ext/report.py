@@ -1,4 +1,4 @@
-"""Reports of ``unlearn demo`` / ``unlearn run``: ``report.json``, PNG plots and a rich table."""
+"""Reports of ``unlearn demo`` / ``unlearn run`` / ``unlearn mmu``: ``report.json``, PNG plots and a rich table."""
 
 from __future__ import annotations
 
@@ -112,3 +112,70 @@ def print_table(report: dict) -> None:
         table.add_row(name, *cells, f"{r['seconds']:.3g}{cached}", f"{speed:.3g}" if speed else "-")
     Console(width=max(Console().width, 132)).print(table)
     Console().print("accuracies and MIA in %, gap = mean |difference| to retrain (test, forget, MIA) in points")
+
+
+#: ``unlearn mmu`` table columns: (report key, header, higher is better).
+MMU_COLUMNS = (
+    ("efficacy", "efficacy", True),
+    ("generality", "generality", True),
+    ("specificity", "specificity", True),
+    ("specificity_drop", "spec. drop", False),
+    ("text_specificity", "text", True),
+    ("text_drop", "text drop", False),
+    ("fluency_ppl", "fluency (ppl)", False),
+    ("diversity", "diversity", True),
+    ("c_dis", "C-Dis", True),
+    ("min_k", "Min-K%", False),
+)
+
+
+def write_mmu_report(report: dict, out_dir: str | Path) -> list[Path]:
+    """Write ``report.json`` and ``minimmu.png`` (efficacy/generality/specificity per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json"]
+    atomic_write_bytes(written[0], (json.dumps(report, indent=2, default=_jsonable) + "\n").encode())
+    summary = report["summary"]
+    names = list(summary)
+    keys = ("efficacy", "generality", "specificity", "text_specificity")
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names)), 4.5))
+    width = 0.8 / len(keys)
+    x = np.arange(len(names))
+    for i, k in enumerate(keys):
+        ax.bar(x + i * width - 0.4 + width / 2, [summary[n][k] for n in names], width, label=k)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"MiniMMU, forgetting digits {report['spec']['digits']} (mean over digits)")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    written.append(_save(fig, out / "minimmu.png"))
+    plt.close("all")
+    return written
+
+
+def print_mmu_table(report: dict) -> None:
+    """Print ``unlearn mmu``'s table: per method, the metrics' means over the forgotten digits."""
+    from rich.console import Console
+    from rich.table import Table
+
+    spec = report["spec"]
+    table = Table(title=f"MiniMMU, forgetting digits {spec['digits']} one at a time (means), {spec['steps']} steps")
+    table.add_column("method", no_wrap=True)
+    for _, label, _ in MMU_COLUMNS:
+        table.add_column(label, justify="right")
+    table.add_column("seconds", justify="right")
+    for name, r in report["summary"].items():
+        cells = [f"{r[k]:.3g}" if k in r else "-" for k, _, _ in MMU_COLUMNS]
+        table.add_row(name, *cells, f"{r['seconds']:.3g}")
+    Console(width=max(Console().width, 150)).print(table)
+    Console().print(
+        "efficacy, generality, specificity, text and diversity in % (higher is better); drops in points; "
+        "fluency: perplexity of the original answers (lower is better)"
+    )

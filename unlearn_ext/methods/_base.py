@@ -25,13 +25,16 @@ _REGISTRY: dict[str, type[Unlearner]] = {}
 
 #: Methods specified in DESIGN.md 5 whose issue has not landed yet.
 PLANNED = {
-    "siu": "SIU works on (multimodal) LLMs, not classifiers: use unlearn_ext.siu.train.finetune_llm("
-    "objective='siu'); its unlearn()/CLI entry point comes with the MiniMMU benchmark (issue 4)",
     "opc": "OPC (issue 5: fused CE + norm penalty)",
     "muso": "MUSO (issue 6: optimal relabelling)",
-    "ga": "GA for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='ga') (CLI: issue 4)",
-    "ga_kl": "GA+KL for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='ga_kl') (CLI: issue 4)",
-    "po": "PO for (M)LLMs: use unlearn_ext.siu.train.finetune_llm(objective='po') (CLI: issue 4)",
+}
+#: Methods of another setting: forgetting a visual concept from a (multimodal) LLM, not classes or
+#: samples from a classifier.
+CONCEPT_SETTING = {
+    name: f"{name!r} forgets a visual concept from a (multimodal) LLM, not classes or samples from a "
+    f"classifier: use unlearn_ext.siu.unlearn_concept(model, tokenizer, request, method={name!r}, ...) "
+    "or the CLI's `unlearn mmu`"
+    for name in ("siu", "ga", "ga_kl", "po")
 }
 
 
@@ -65,11 +68,14 @@ def available_methods() -> tuple[str, ...]:
 
 
 def method_class(name: str) -> type[Unlearner]:
-    """The class of method ``name``. Raises ValueError (unknown) or NotImplementedError (planned)."""
+    """The class of method ``name``. Raises ValueError (unknown, or of the LLM concept setting) or
+    NotImplementedError (planned)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in PLANNED:
         raise NotImplementedError(f"method {name!r} is not implemented yet: {PLANNED[name]}")
+    if name in CONCEPT_SETTING:
+        raise ValueError(CONCEPT_SETTING[name])
     raise ValueError(f"unknown unlearning method {name!r}; available: {', '.join(available_methods())}")
 
 

@@ -5,7 +5,7 @@ All are pure functions of the models and data (no training, models left in eval 
 * :func:`concept_hit_rate`: greedy answers to identity-probing prompts that name the concept
   (lower-case substring). Efficacy = 100 * (1 - hit rate) on the training image; generality = the
   same on held-out images of the concept.
-* :func:`answer_accuracy`: answers that contain the expected word (specificity: other concepts'
+* :func:`answer_accuracy`: answers that contain the expected word as a whole word (specificity: other concepts'
   images, and text-only facts).
 * :func:`fluency_ppl`: perplexity of a model on reference answers (the original model's), with the
   concept's token ids excluded from the loss.
@@ -20,6 +20,7 @@ All are pure functions of the models and data (no training, models left in eval 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -51,15 +52,25 @@ def concept_hit_rate(
     return sum(concept.lower() in a.lower() for a in answers) / len(answers), answers
 
 
+def _names(answer: str, word: str) -> bool:
+    """``word`` occurs in ``answer`` as a whole word, case-insensitively ("even" is not in "seven")."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", answer.lower()) is not None
+
+
 def answer_accuracy(
-    model, tokenizer, prompts: Sequence[str], images: Sequence[torch.Tensor | None], expected: Sequence[str],
-    *, max_new_tokens: int = 16,
+    model, tokenizer, prompts: Sequence[str], images: Sequence[torch.Tensor | None],
+    expected: Sequence[str | Sequence[str]], *, max_new_tokens: int = 16,
 ) -> tuple[float, list[str]]:  # fmt: skip
-    """(fraction of answers that contain their expected word (lower-case), the answers)."""
+    """(fraction of answers that contain their expected word as a whole word, case-insensitively,
+    the answers). An entry of ``expected`` may list alternatives (``("eight", "8")``): any counts."""
     if not prompts or len(expected) != len(prompts):
         raise ValueError("answer_accuracy needs one expected word per prompt (and at least one prompt)")
+    alternatives = [(e,) if isinstance(e, str) else tuple(e) for e in expected]
+    if any(not alts for alts in alternatives):
+        raise ValueError("an expected entry lists no words")
     answers = _answers(model, tokenizer, prompts, images, max_new_tokens)
-    return sum(e.lower() in a.lower() for a, e in zip(answers, expected, strict=True)) / len(answers), answers
+    hits = sum(any(_names(a, w) for w in alts) for a, alts in zip(answers, alternatives, strict=True))
+    return hits / len(answers), answers
 
 
 def _logprobs(model, samples: Sequence[EncodedSample], images, pad_id: int):

@@ -1,0 +1,294 @@
+"""MiniMMU: SIU against GA, GA+KL and PO on a real (small) multimodal model, on a CPU.
+
+For each forgotten digit, the forget image is the first training image of that digit that the
+original model names correctly (forgetting what the model never recognised would measure nothing),
+and each method fine-tunes a copy of the model through :func:`unlearn_ext.siu.unlearn_concept`:
+
+* ``siu``: the four-target data (fictitious name, counterfactual description, the digit's facts,
+  other digits' facts, plus ``image_retain`` images per other digit with their normal answers);
+* ``ga`` / ``ga_kl``: the forget image with the identity questions and the original answers naming
+  the digit, gradient ascent (plus the KL to the original for GA+KL);
+* ``po``: the same questions answered with a refusal.
+
+Metrics (METHODS.md 2.5, :mod:`unlearn_ext.siu.metrics`), in %, except fluency (perplexity):
+
+* efficacy = 100 * (1 - hit rate) of the identity questions on the forget image;
+* generality = the same on held-out test images of the digit;
+* specificity = digit accuracy on other digits' test images (``specificity_drop``: against the
+  original); text_specificity = accuracy on text-only questions about digits (odd or even, the next
+  number: the expected word as a whole word), ``text_drop`` against the original;
+* fluency = perplexity on the original model's answers about the forget image, the digit's tokens
+  excluded; diversity of the held-out answers; C-Dis on the original answers; Min-K% Prob (K = 40%)
+  on the forget Q/A.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from unlearn_ext.siu.api import CONCEPT_METHODS, ConceptRequest, unlearn_concept
+from unlearn_ext.siu.data import SIUSample
+from unlearn_ext.siu.masks import concept_token_ids, encode_sample
+from unlearn_ext.siu.metrics import answer_accuracy, c_dis, concept_hit_rate, diversity, fluency_ppl, min_k_prob
+from unlearn_ext.siu.minimmu import DIGIT_WORDS, IMAGE_QA, build_minimmu, greedy_answer
+from unlearn_ext.siu.train import FinetuneConfig
+
+__all__ = ["METRICS", "MMUSpec", "digit_request", "hf_llava_check", "run_minimmu"]
+
+FICTITIOUS = "Zorblat"
+COUNTERFACTUAL = "The picture shows a round closed loop with a small tail, like the letter q."
+REFUSAL = "I cannot tell which digit this is."
+#: Report columns, in order (``*_drop``: points lost against the original model).
+METRICS = (
+    "efficacy",
+    "generality",
+    "specificity",
+    "specificity_drop",
+    "text_specificity",
+    "text_drop",
+    "fluency_ppl",
+    "diversity",
+    "c_dis",
+    "min_k",
+)
+
+
+@dataclass(kw_only=True)
+class MMUSpec:
+    """One MiniMMU run: which digits to forget (one at a time), which methods, their fine-tuning."""
+
+    digits: tuple[int, ...] = (7, 3, 0)
+    methods: tuple[str, ...] = CONCEPT_METHODS
+    steps: int = 12
+    lr: float = 3e-5
+    batch_size: int = 4
+    lora_rank: int | None = None
+    alpha: float = 0.9
+    beta: float = 0.75
+    held_out: int = 20
+    others: int = 3
+    image_retain: int = 1
+    seed: int = 0
+    hparams: dict = field(default_factory=dict)  # per method: FinetuneConfig overrides
+
+    def __post_init__(self) -> None:
+        self.digits, self.methods = tuple(self.digits), tuple(self.methods)
+        if not self.digits or any(not 0 <= d <= 9 for d in self.digits):
+            raise ValueError(f"digits must be one or more of 0-9, got {list(self.digits)}")
+        bad = [m for m in self.methods if m not in CONCEPT_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown MiniMMU method(s) {bad}; available: {', '.join(CONCEPT_METHODS)}")
+        if self.held_out < 1 or self.others < 1 or self.image_retain < 0:
+            raise ValueError("held_out and others must be >= 1 and image_retain >= 0")
+
+
+def _text_questions() -> list[tuple[str, tuple[str, ...]]]:
+    """Text-only questions about digits with the expected word(s) (whole words)."""
+    qs = [(f"Is {w} an odd or an even number?", ("odd" if i % 2 else "even",)) for i, w in enumerate(DIGIT_WORDS)]
+    qs += [(f"What number comes after {w}?", (DIGIT_WORDS[i + 1], str(i + 1))) for i, w in enumerate(DIGIT_WORDS[:9])]
+    return qs
+
+
+def digit_request(digit: int, image, retain_images=()) -> ConceptRequest:
+    """The :class:`ConceptRequest` for forgetting ``digit`` shown in ``image`` ``[1, 28, 28]``;
+    ``retain_images``: ``(image, label)`` pairs of other digits (SIU's image type-4 data)."""
+    word = DIGIT_WORDS[digit]
+    parity = "an odd" if digit % 2 else "an even"
+    return ConceptRequest(
+        concept=word,
+        image=image,
+        kind="digit",
+        fictitious_name=FICTITIOUS,
+        counterfactual_description=COUNTERFACTUAL,
+        facts=[f"Yes, {word} is {parity} number."],
+        other_concepts={
+            f"Is {w} an odd or an even number?": f"{w.capitalize()} is {'odd' if i % 2 else 'even'}."
+            for i, w in enumerate(DIGIT_WORDS)
+            if i != digit
+        },
+        identity_prompts=[q for q, _ in IMAGE_QA] + ["Which digit is in the picture?"],
+        identity_answer=[a.replace("{word}", "{concept}") for _, a in IMAGE_QA] + ["This is the digit {concept}."],
+        refusal=REFUSAL,
+        retain_images=[(x, IMAGE_QA[0][0], IMAGE_QA[0][1].format(word=DIGIT_WORDS[y])) for x, y in retain_images],
+    )
+
+
+def _identity_answer(answer_template: str, digit: int) -> str:
+    return answer_template.format(word=DIGIT_WORDS[digit])
+
+
+class _Context:
+    """Everything the metrics of one digit need, computed once from the original model."""
+
+    def __init__(self, model, tok, ds, digit: int, image, spec: MMUSpec) -> None:
+        self.model, self.tok, self.digit, self.image = model, tok, digit, image
+        self.word = DIGIT_WORDS[digit]
+        test_idx = (ds.y_test == digit).nonzero().flatten()[: spec.held_out]
+        self.held_out = [ds.x_test[i] for i in test_idx]
+        self.others = [
+            (ds.x_test[i], int(ds.y_test[i]))
+            for d in range(10)
+            if d != digit
+            for i in (ds.y_test == d).nonzero().flatten()[: spec.others]
+        ]
+        self.probe = [q for q, _ in IMAGE_QA]
+        self.text = _text_questions()
+        self.orig_probe = [greedy_answer(model, tok, q, image) for q in self.probe]
+        enc = {"image_token_id": model.image_token_id, "num_image_tokens": model.num_image_tokens}
+        self.ref_samples = [
+            encode_sample(SIUSample(0, q, a or "-", True, None), tok, **enc)
+            for q, a in zip(self.probe, self.orig_probe, strict=True)
+        ]
+        self.forget_qa = [
+            encode_sample(SIUSample(0, q, _identity_answer(a, digit), True, None), tok, **enc) for q, a in IMAGE_QA
+        ]
+        self.concept_ids = concept_token_ids(tok, self.word)
+
+    def evaluate(self, model) -> dict:
+        tok, pad, image = self.tok, self.tok.pad_token_id, self.image
+        hit, _ = concept_hit_rate(model, tok, self.probe, [image] * len(self.probe), self.word)
+        question = IMAGE_QA[0][0]
+        gen_hit, gen_answers = concept_hit_rate(model, tok, [question] * len(self.held_out), self.held_out, self.word)
+        spec, _ = answer_accuracy(
+            model, tok, [question] * len(self.others), [x for x, _ in self.others],
+            [DIGIT_WORDS[y] for _, y in self.others],
+        )  # fmt: skip
+        text, _ = answer_accuracy(
+            model, tok, [q for q, _ in self.text], [None] * len(self.text), [e for _, e in self.text]
+        )
+        n = len(self.forget_qa)
+        return {
+            "efficacy": 100 * (1 - hit),
+            "generality": 100 * (1 - gen_hit),
+            "specificity": 100 * spec,
+            "text_specificity": 100 * text,
+            "fluency_ppl": fluency_ppl(model, self.ref_samples, [image] * len(self.ref_samples), self.concept_ids, pad),
+            "diversity": diversity(gen_answers),
+            "c_dis": c_dis(model, self.model, self.forget_qa, [image] * n, self.concept_ids, pad),
+            "min_k": statistics.fmean(min_k_prob(model, self.forget_qa, [image] * n, pad)),
+        }
+
+
+def _forget_image(model, tok, ds, digit: int):
+    for i in (ds.y_train == digit).nonzero().flatten()[:50].tolist():
+        if DIGIT_WORDS[digit] in greedy_answer(model, tok, IMAGE_QA[0][0], ds.x_train[i]).lower():
+            return i
+    raise ValueError(f"the original MiniMMU model names none of the first 50 training images of digit {digit}")
+
+
+def run_minimmu(spec: MMUSpec, *, built=None, progress: bool = False, log=print) -> dict:
+    """Run ``spec`` on MiniMMU (built and cached on first use; ``built``: a ``build_minimmu()``
+    result to reuse); returns the report: per digit and method the metrics, and their means."""
+    t_start = time.perf_counter()
+    model, tok, ds, info = built if built is not None else build_minimmu(progress=progress)
+    rows: list[dict] = []
+    for digit in spec.digits:
+        idx = _forget_image(model, tok, ds, digit)
+        image = ds.x_train[idx]
+        ctx = _Context(model, tok, ds, digit, image, spec)
+        base = ctx.evaluate(model)
+        rows.append({"digit": digit, "method": "original", "forget_index": idx, **base, "seconds": 0.0})
+        log(f"digit {digit} original: {_fmt(base)}")
+        retain = [
+            (ds.x_train[i], d)
+            for d in range(10)
+            if d != digit
+            for i in (ds.y_train == d).nonzero().flatten()[: spec.image_retain].tolist()
+        ]
+        request = digit_request(digit, image, retain)
+        for method in spec.methods:
+            cfg = FinetuneConfig(
+                objective=method, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
+                lora_rank=spec.lora_rank, alpha=spec.alpha, beta=spec.beta, seed=spec.seed,
+                **spec.hparams.get(method, {}),
+            )  # fmt: skip
+            res = unlearn_concept(
+                model, tok, request, method=method, image_token_id=model.image_token_id,
+                num_image_tokens=model.num_image_tokens, config=cfg, progress=progress,
+            )  # fmt: skip
+            m = ctx.evaluate(res.model)
+            m["specificity_drop"] = base["specificity"] - m["specificity"]
+            m["text_drop"] = base["text_specificity"] - m["text_specificity"]
+            m["seconds"], m["final_loss"] = res.seconds, res.log[-1]["loss"]
+            rows.append({"digit": digit, "method": method, **m})
+            log(f"digit {digit} {method}: {_fmt(m)} ({res.seconds:.1f} s)")
+    summary = {}
+    for method in ["original", *spec.methods]:
+        sel = [r for r in rows if r["method"] == method]
+        summary[method] = {k: statistics.fmean(r[k] for r in sel) for k in [*METRICS, "seconds"] if k in sel[0]}
+    return {
+        "benchmark": "minimmu",
+        "spec": asdict(spec),
+        "minimmu": info,
+        "rows": rows,
+        "summary": summary,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _fmt(m: dict) -> str:
+    return ", ".join(f"{k} {m[k]:.3g}" for k in METRICS if k in m)
+
+
+def hf_llava_check(tokenizer, image, *, steps: int = 6, lr: float = 5e-3, seed: int = 0) -> dict:
+    """The Hugging Face integration path: every method through :func:`unlearn_concept` on a tiny,
+    random-initialised ``transformers.LlavaForConditionalGeneration`` (CLIP vision tower, Llama text
+    model, ``tokenizer``'s vocabulary plus one image token), forgetting "seven" shown in ``image``
+    ``[1, 28, 28]``.
+
+    Returns per method: seconds, and the mean answer cross-entropy (nats/token, full logits, the
+    plain way) on the method's own target answers before and after; SIU and PO must lower it, GA
+    and GA+KL raise it on the answer naming the concept.
+    """
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from unlearn_ext.siu.api import concept_training_data
+    from unlearn_ext.siu.train import collate
+
+    image_id = len(tokenizer)  # one id past the tokenizer's vocabulary: the image placeholder
+    patch, side = 7, image.shape[-1]
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=side,
+            patch_size=patch, num_channels=image.shape[0],
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=image_id + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        ),
+        image_token_index=image_id, vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    enc = {"image_token_id": image_id, "num_image_tokens": (side // patch) ** 2}
+    request = digit_request(7, image)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def answer_ce(m, samples, images) -> float:
+        batch = collate(samples, pad)
+        imgs = [i for i in images if i is not None]
+        with torch.no_grad():
+            logits = m(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=torch.stack(imgs) if imgs else None,
+            ).logits  # fmt: skip
+        return float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100))
+
+    out = {}
+    for method in CONCEPT_METHODS:
+        samples, images = concept_training_data(method, request, tokenizer, **enc)
+        # The identity answers, which every method's data starts with: SIU's and PO's targets (the
+        # fictitious name, the refusal), and the answers naming the concept that GA ascends on.
+        keep = range(len(request.identity_prompts))
+        before = answer_ce(model, [samples[i] for i in keep], [images[i] for i in keep])
+        res = unlearn_concept(
+            model, tokenizer, request, method=method, **enc,
+            config=FinetuneConfig(steps=steps, lr=lr, batch_size=4, seed=seed),
+        )  # fmt: skip
+        after = answer_ce(res.model, [samples[i] for i in keep], [images[i] for i in keep])
+        out[method] = {"seconds": res.seconds, "answer_ce_before": before, "answer_ce_after": after}
+    return out
