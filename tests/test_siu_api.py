@@ -159,6 +159,13 @@ def tiny_report(tiny, smollm2_tokenizer, mnist):
     training image of the digit)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(mmu, "_forget_image", lambda m, t, ds, d: int((ds.y_train == d).nonzero()[0]))
+    # text specificity counts only the questions the original answers: the tiny model's answers are
+    # mostly empty, so "*" stands for "any answer" in one question; the other cannot be answered
+    from unlearn_ext.siu import metrics
+
+    names = metrics._names
+    mp.setattr(metrics, "_names", lambda answer, word: word == "*" or names(answer, word))
+    mp.setattr(mmu, "TEXT_QUESTIONS", (("What is two plus two?", ("*",)), ("Name a colour.", ("zzqxj",))))
     spec = mmu.MMUSpec(digits=(7,), steps=1, batch_size=2, held_out=2, others=1, lr=1e-3)
     try:
         yield mmu.run_minimmu(spec, built=(tiny, smollm2_tokenizer, mnist, {"cached": True}), log=lambda s: None)
@@ -171,10 +178,12 @@ def test_run_minimmu_reports_every_method_and_metric(tiny_report):
     assert [r["method"] for r in rep["rows"]] == ["original", "siu", "ga", "ga_kl", "po"]
     assert set(rep["summary"]) == {"original", "siu", "ga", "ga_kl", "po"}
     for r in rep["rows"]:
-        for k in ("efficacy", "generality", "specificity", "text_specificity", "diversity"):
+        for k in ("efficacy", "generality", "specificity", "diversity"):
             assert 0 <= r[k] <= 100, (r["method"], k)
+        assert r["text_questions"] == 1 and 0 <= r["text_specificity"] <= 100
         assert r["fluency_ppl"] > 1 and r["min_k"] < 0
     orig = rep["rows"][0]
+    assert orig["text_specificity"] == 100  # by construction
     assert orig["c_dis"] == pytest.approx(0.0, abs=1e-6)  # the original against itself
     for r in rep["rows"][1:]:
         assert r["specificity_drop"] == pytest.approx(orig["specificity"] - r["specificity"])
@@ -194,6 +203,22 @@ def test_mmu_report_files_and_table(tiny_report, tmp_path, capsys):
     assert "ga_kl" in out and "efficacy" in out
 
 
+def test_mmu_report_without_text_questions(tiny_report, tmp_path, capsys):
+    """A model that answers none of the text questions has no text specificity: the table shows "-"
+    and the plot leaves the bar out, instead of NaN in the JSON."""
+    from unlearn_ext.report import print_mmu_table, write_mmu_report
+
+    drop = ("text_specificity", "text_drop")
+    rep = {
+        **tiny_report,
+        "summary": {m: {k: v for k, v in r.items() if k not in drop} for m, r in tiny_report["summary"].items()},
+    }
+    paths = write_mmu_report(rep, tmp_path / "out")
+    assert "NaN" not in paths[0].read_text() and paths[1].read_bytes()[:4] == b"\x89PNG"
+    print_mmu_table(rep)
+    assert " - " in capsys.readouterr().out
+
+
 def test_cli_mmu_runs_the_experiment_and_rejects_bad_input(tiny_report, tmp_path, monkeypatch, capsys):
     from unlearn_ext import cli
 
@@ -205,9 +230,10 @@ def test_cli_mmu_runs_the_experiment_and_rejects_bad_input(tiny_report, tmp_path
 
     monkeypatch.setattr(mmu, "run_minimmu", fake_run)
     rc = cli.main(["mmu", "--digits", "7", "--methods", "siu", "po", "--steps", "3", "--lr", "1e-4",
-                   "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+                   "--train", "decoder", "--beta", "2", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
     assert rc == 0 and (tmp_path / "o" / "report.json").is_file()
     assert calls[0].methods == ("siu", "po") and calls[0].steps == 3 and calls[0].lr == 1e-4
+    assert calls[0].train == "decoder" and calls[0].beta == 2.0
     assert cli.main(["mmu", "--digits", "11", "--no-progress", "--out", str(tmp_path / "p")]) == 2
     assert "digits must be" in capsys.readouterr().err and not (tmp_path / "p").exists()
     with pytest.raises(SystemExit):

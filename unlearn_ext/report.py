@@ -143,7 +143,7 @@ def write_mmu_report(report: dict, out_dir: str | Path) -> list[Path]:
     atomic_write_bytes(written[0], (json.dumps(report, indent=2, default=_jsonable) + "\n").encode())
     summary = report["summary"]
     names = list(summary)
-    keys = ("efficacy", "generality", "specificity", "text_specificity")
+    keys = [k for k in ("efficacy", "generality", "specificity", "text_specificity") if k in summary[names[0]]]
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(names)), 4.5))
     width = 0.8 / len(keys)
     x = np.arange(len(names))

@@ -15,8 +15,9 @@ Metrics (METHODS.md 2.5, :mod:`unlearn_ext.siu.metrics`), in %, except fluency (
 * efficacy = 100 * (1 - hit rate) of the identity questions on the forget image;
 * generality = the same on held-out test images of the digit;
 * specificity = digit accuracy on other digits' test images (``specificity_drop``: against the
-  original); text_specificity = accuracy on text-only questions about digits (odd or even, the next
-  number: the expected word as a whole word), ``text_drop`` against the original;
+  original); text_specificity = the share of the text-only :data:`TEXT_QUESTIONS` (counting, digit
+  facts, general knowledge) that the original model answers correctly and the unlearned one still
+  does (the expected word as a whole word; not SIU's type-4 questions), ``text_drop`` = 100 - it;
 * fluency = perplexity on the original model's answers about the forget image, the digit's tokens
   excluded; diversity of the held-out answers; C-Dis on the original answers; Min-K% Prob (K = 40%)
   on the forget Q/A.
@@ -35,7 +36,7 @@ from unlearn_ext.siu.metrics import answer_accuracy, c_dis, concept_hit_rate, di
 from unlearn_ext.siu.minimmu import DIGIT_WORDS, IMAGE_QA, build_minimmu, greedy_answer
 from unlearn_ext.siu.train import FinetuneConfig
 
-__all__ = ["METRICS", "MMUSpec", "digit_request", "hf_llava_check", "run_minimmu"]
+__all__ = ["METRICS", "TEXT_QUESTIONS", "MMUSpec", "digit_request", "hf_llava_check", "run_minimmu"]
 
 FICTITIOUS = "Zorblat"
 COUNTERFACTUAL = "The picture shows a round closed loop with a small tail, like the letter q."
@@ -61,10 +62,11 @@ class MMUSpec:
 
     digits: tuple[int, ...] = (7, 3, 0)
     methods: tuple[str, ...] = CONCEPT_METHODS
-    steps: int = 12
-    lr: float = 3e-5
+    steps: int = 24
+    lr: float = 1e-3
     batch_size: int = 4
-    lora_rank: int | None = None
+    lora_rank: int | None = 16  # LoRA on the attention projections; None: full fine-tuning
+    train: str = "all"  # which parameters: "all", or a substring of their names ("decoder": the LM only)
     alpha: float = 0.9
     beta: float = 0.75
     held_out: int = 20
@@ -84,11 +86,44 @@ class MMUSpec:
             raise ValueError("held_out and others must be >= 1 and image_retain >= 0")
 
 
-def _text_questions() -> list[tuple[str, tuple[str, ...]]]:
-    """Text-only questions about digits with the expected word(s) (whole words)."""
-    qs = [(f"Is {w} an odd or an even number?", ("odd" if i % 2 else "even",)) for i, w in enumerate(DIGIT_WORDS)]
-    qs += [(f"What number comes after {w}?", (DIGIT_WORDS[i + 1], str(i + 1))) for i, w in enumerate(DIGIT_WORDS[:9])]
-    return qs
+#: Text-only questions with the expected word(s) (whole words; any alternative counts). Not SIU's
+#: type-4 training questions (parity), so text specificity is not measured on training data. Some
+#: have a digit as the answer: knowing that a week has seven days is knowledge SIU must keep (its
+#: target 3) while it forgets what a seven looks like.
+TEXT_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("How many sides does a triangle have?", ("three", "3")),
+    ("How many days are there in a week?", ("seven", "7")),
+    ("How many fingers are there on one hand?", ("five", "5")),
+    ("What is two plus two?", ("four", "4")),
+    ("How many wheels does a bicycle have?", ("two", "2")),
+    ("How many legs does a dog have?", ("four", "4")),
+    ("What is ten minus one?", ("nine", "9")),
+    ("How many months are there in a year?", ("twelve", "12")),
+    ("What number comes after zero?", ("one", "1")),
+    ("What is the capital of France?", ("paris",)),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What do bees make?", ("honey",)),
+    ("What is frozen water called?", ("ice",)),
+    ("What planet do we live on?", ("earth",)),
+    ("How many hours are there in a day?", ("twenty-four", "24")),
+    ("How many minutes are there in an hour?", ("sixty", "60")),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What color is grass?", ("green",)),
+    ("How many eyes does a person have?", ("two", "2")),
+    ("How many seasons are there in a year?", ("four", "4")),
+    ("How many continents are there?", ("seven", "7")),
+)
+
+
+def _text_questions(model, tok) -> list[tuple[str, tuple[str, ...]]]:
+    """The :data:`TEXT_QUESTIONS` that the original ``model`` answers correctly: text specificity is
+    the share of them still answered correctly (100 for the original by construction)."""
+    from unlearn_ext.siu.metrics import _names
+
+    return [(q, e) for q, e in TEXT_QUESTIONS if any(_names(greedy_answer(model, tok, q, None), w) for w in e)]
 
 
 def digit_request(digit: int, image, retain_images=()) -> ConceptRequest:
@@ -134,7 +169,7 @@ class _Context:
             for i in (ds.y_test == d).nonzero().flatten()[: spec.others]
         ]
         self.probe = [q for q, _ in IMAGE_QA]
-        self.text = _text_questions()
+        self.text = _text_questions(model, tok)
         self.orig_probe = [greedy_answer(model, tok, q, image) for q in self.probe]
         enc = {"image_token_id": model.image_token_id, "num_image_tokens": model.num_image_tokens}
         self.ref_samples = [
@@ -155,15 +190,19 @@ class _Context:
             model, tok, [question] * len(self.others), [x for x, _ in self.others],
             [DIGIT_WORDS[y] for _, y in self.others],
         )  # fmt: skip
-        text, _ = answer_accuracy(
-            model, tok, [q for q, _ in self.text], [None] * len(self.text), [e for _, e in self.text]
-        )
+        questions, expected = [q for q, _ in self.text], [e for _, e in self.text]
         n = len(self.forget_qa)
+        text = {}  # undefined (left out) when the original model answers none of the text questions
+        if questions:
+            text["text_specificity"] = (
+                100 * answer_accuracy(model, tok, questions, [None] * len(questions), expected)[0]
+            )
         return {
             "efficacy": 100 * (1 - hit),
             "generality": 100 * (1 - gen_hit),
             "specificity": 100 * spec,
-            "text_specificity": 100 * text,
+            **text,
+            "text_questions": len(questions),
             "fluency_ppl": fluency_ppl(model, self.ref_samples, [image] * len(self.ref_samples), self.concept_ids, pad),
             "diversity": diversity(gen_answers),
             "c_dis": c_dis(model, self.model, self.forget_qa, [image] * n, self.concept_ids, pad),
@@ -201,7 +240,7 @@ def run_minimmu(spec: MMUSpec, *, built=None, progress: bool = False, log=print)
         for method in spec.methods:
             cfg = FinetuneConfig(
                 objective=method, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
-                lora_rank=spec.lora_rank, alpha=spec.alpha, beta=spec.beta, seed=spec.seed,
+                lora_rank=spec.lora_rank, train=spec.train, alpha=spec.alpha, beta=spec.beta, seed=spec.seed,
                 **spec.hparams.get(method, {}),
             )  # fmt: skip
             res = unlearn_concept(
@@ -210,7 +249,8 @@ def run_minimmu(spec: MMUSpec, *, built=None, progress: bool = False, log=print)
             )  # fmt: skip
             m = ctx.evaluate(res.model)
             m["specificity_drop"] = base["specificity"] - m["specificity"]
-            m["text_drop"] = base["text_specificity"] - m["text_specificity"]
+            if "text_specificity" in base:
+                m["text_drop"] = base["text_specificity"] - m["text_specificity"]
             m["seconds"], m["final_loss"] = res.seconds, res.log[-1]["loss"]
             rows.append({"digit": digit, "method": method, **m})
             log(f"digit {digit} {method}: {_fmt(m)} ({res.seconds:.1f} s)")
