@@ -510,3 +510,19 @@ def test_reset_parameters_changes_weights_and_is_seeded(digits_mlp, arch):
             assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
             assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
             assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_features_and_logits_split_the_final_linear(arch):
+    from unlearn_ext.models import build_model, features_and_logits, final_linear
+
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 12, 12), 5).eval()
+    x = torch.randn(4, 1, 12, 12)
+    feats, logits = features_and_logits(model, x)
+    head = final_linear(model)
+    assert feats.shape == (4, head.in_features) and logits.shape == (4, 5)
+    torch.testing.assert_close(logits, head(feats))
+    torch.testing.assert_close(logits, model(x))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        final_linear(torch.nn.Sequential(torch.nn.Flatten()))

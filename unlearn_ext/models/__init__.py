@@ -2,6 +2,7 @@
 real SmolLM2-135M loaded offline."""
 
 from unlearn_ext.models.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from unlearn_ext.models.heads import features_and_logits, final_linear
 from unlearn_ext.models.mnemonic_codes import CODES_BUFFER, attach_codes, get_codes, make_codes
 from unlearn_ext.models.smollm2 import load_smollm2, smollm2_gguf_path
 from unlearn_ext.models.training import DEFAULT_TRAIN_CONFIGS, TrainConfig, fit, train_classifier
@@ -17,6 +18,8 @@ __all__ = [
     "atomic_write_bytes",
     "attach_codes",
     "build_model",
+    "features_and_logits",
+    "final_linear",
     "fit",
     "get_codes",
     "load_checkpoint",
