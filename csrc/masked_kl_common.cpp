@@ -14,31 +14,19 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <tuple>
 
 #include "unlearn_ext/checks.h"
+#include "unlearn_ext/linear_head.h"
 #include "unlearn_ext/masked_kl.h"
 
 namespace unlearn_ext {
 namespace {
 
-constexpr int64_t kChunkBytes = 32 << 20;  // bytes of logits per model and chunk of tokens
-
-
-// Tokens per chunk: about kChunkBytes of logits per model, or UNLEARN_EXT_KL_CHUNK_ROWS (tests use it
-// to run many chunks on small shapes).
+// Tokens per chunk: about 32 MiB of logits per model, or UNLEARN_EXT_KL_CHUNK_ROWS.
 int64_t tokens_per_chunk(int64_t V, size_t elem_size) {
-  const char* env = std::getenv("UNLEARN_EXT_KL_CHUNK_ROWS");
-  if (env != nullptr && env[0] != '\0') {
-    char* end = nullptr;
-    const long long rows = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(end != env && *end == '\0' && rows >= 1,
-                      "UNLEARN_EXT_KL_CHUNK_ROWS must be a positive integer, got '", env, "'");
-    return rows;
-  }
-  return std::max<int64_t>(1, kChunkBytes / (V * static_cast<int64_t>(elem_size)));
+  return head_tokens_per_chunk(V, elem_size, "UNLEARN_EXT_KL_CHUNK_ROWS");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -54,11 +42,6 @@ struct Problem {
   int64_t ignore_index = -100;
   bool renormalize = false;
 };
-
-void check_vector(const at::Tensor& t, int64_t n, const char* name, const char* what, const at::Device& device) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "] (", what, "), got ", t.sizes());
-  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but hidden is on ", device);
-}
 
 Problem make_problem(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      const at::Tensor& ref_hidden, const at::Tensor& ref_weight,

@@ -49,6 +49,20 @@ TORCH_LIBRARY(unlearn_ext, m) {
       "fused_linear_masked_kl_backward(Tensor grad_kl, Tensor grad_ce, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor ref_hidden, Tensor ref_weight, Tensor? ref_bias, Tensor? token_mask, Tensor? vocab_mask, "
       "Tensor? target, float temperature, int ignore_index, bool renormalize) -> (Tensor, Tensor, Tensor)");
+
+  // ---- cross-entropy fused with a norm penalty and the head (OPC's loss), DESIGN.md 4.3 ----
+  // hidden [N, H], weight [V, H], bias [V], target int [N], forget_mask bool [N]. Returns (loss: [] for
+  // mean/sum, [N] for none; grad_hidden, grad_weight, grad_bias: the loss's gradients when
+  // compute_grad (mean/sum only), else empty).
+  m.def(
+      "fused_linear_ce_norm(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? forget_mask, "
+      "float norm_weight, bool squared, int ignore_index, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_rows [N] = dLoss/d loss_n (the per-row losses of reduction 'none'); returns (grad_hidden,
+  // grad_weight, grad_bias or empty).
+  m.def(
+      "fused_linear_ce_norm_backward(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? forget_mask, float norm_weight, bool squared, int ignore_index) -> (Tensor, Tensor, Tensor)");
 }
 
 // ---- `unlearn_ext._C`: build information only (ops are reached through torch.ops) ----

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "unlearn_ext/cpu_vexp.h"
 #include "unlearn_ext/masked_kl.h"
 
 namespace unlearn_ext {
@@ -33,50 +34,6 @@ namespace unlearn_ext {
 const char* cpu_kernel_isa();  // csrc/cpu/sq_grad_segmented.cpp
 
 namespace {
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define UNLEARN_KL_X86 1
-#define UNLEARN_KL_TARGET(isa) __attribute__((target(isa)))
-#else
-#define UNLEARN_KL_X86 0
-#define UNLEARN_KL_TARGET(isa)
-#endif
-#define UNLEARN_KL_INLINE inline __attribute__((always_inline))
-
-// exp for float, branch-free so `omp simd` loops vectorise it (Cephes expf: range reduction by
-// ln 2 in two parts and a degree-6 polynomial; about 1 ulp). Arguments are clamped to the range
-// whose result is a normal float, so -inf gives ~1e-38 (callers only use it as a weight).
-//
-// The clamp bounds arrive as run-time values (ExpRange, read once per row): with literal bounds GCC
-// threads the clamped branch to the constant exp(bound) and, for AVX2 and the baseline, can no
-// longer vectorise the loop ("control flow in loop"), which made it 8x slower.
-struct ExpRange {
-  float lo, hi;
-};
-inline ExpRange exp_range() {
-  static volatile float lo = -87.3365448f, hi = 88.3762626f;
-  return {lo, hi};
-}
-
-UNLEARN_KL_INLINE float vexp(float x, ExpRange e) {
-  x = x > e.lo ? x : e.lo;
-  x = x < e.hi ? x : e.hi;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-UNLEARN_KL_INLINE double vexp(double x, ExpRange) { return std::exp(x); }
 
 // What one row needs. `z` holds the current logits on entry and dLoss/dz on exit (when `grad`).
 template <typename S>
@@ -100,7 +57,7 @@ struct RowConfig {
 
 // One row: returns (KL_n, CE_n); writes dLoss/dz over row.z when cfg.grad.
 template <typename S, bool kMask>
-UNLEARN_KL_INLINE std::pair<S, S> row_kernel(const Row<S>& row, const RowConfig& cfg) {
+UNLEARN_CPU_INLINE std::pair<S, S> row_kernel(const Row<S>& row, const RowConfig& cfg) {
   constexpr S kNegInf = -std::numeric_limits<S>::infinity();
   constexpr S kFar = S(-200);  // exp(kFar) is ~0: the argument for excluded entries
   const int64_t V = cfg.V;
@@ -255,7 +212,7 @@ struct ChunkArgs {
 };
 
 template <typename S>
-UNLEARN_KL_INLINE void chunk_rows(const ChunkArgs<S>& a, const RowConfig& cfg, int64_t begin, int64_t end) {
+UNLEARN_CPU_INLINE void chunk_rows(const ChunkArgs<S>& a, const RowConfig& cfg, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     Row<S> row{a.z + i * cfg.V,
                a.r ? a.r + i * cfg.V : nullptr,
@@ -269,12 +226,12 @@ UNLEARN_KL_INLINE void chunk_rows(const ChunkArgs<S>& a, const RowConfig& cfg, i
   }
 }
 
-#if UNLEARN_KL_X86
-UNLEARN_KL_TARGET("avx512f,avx512dq")
+#if UNLEARN_CPU_X86
+UNLEARN_CPU_TARGET("avx512f,avx512dq")
 void chunk_rows_avx512(const ChunkArgs<float>& a, const RowConfig& cfg, int64_t begin, int64_t end) {
   chunk_rows<float>(a, cfg, begin, end);
 }
-UNLEARN_KL_TARGET("avx2,fma")
+UNLEARN_CPU_TARGET("avx2,fma")
 void chunk_rows_avx2(const ChunkArgs<float>& a, const RowConfig& cfg, int64_t begin, int64_t end) {
   chunk_rows<float>(a, cfg, begin, end);
 }
@@ -290,7 +247,7 @@ using FloatRowsFn = void (*)(const ChunkArgs<float>&, const RowConfig&, int64_t,
 
 FloatRowsFn pick_float_rows() {
   const std::string isa = cpu_kernel_isa();
-#if UNLEARN_KL_X86
+#if UNLEARN_CPU_X86
   if (isa == "avx512") return &chunk_rows_avx512;
   if (isa == "avx2") return &chunk_rows_avx2;
 #endif

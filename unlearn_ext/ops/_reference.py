@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 __all__ = [
+    "fused_linear_ce_norm_reference",
     "fused_linear_masked_kl_reference",
     "sq_grad_conv2d_reference",
     "sq_grad_embedding_reference",
@@ -207,3 +208,39 @@ def fused_linear_masked_kl_reference(
     if reduction == "sum":
         return kl_weight * kl.sum() + ce_weight * ce.sum()
     return kl_weight * kl.sum() / tm.sum().clamp_min(1) + ce_weight * ce.sum() / valid.sum().clamp_min(1)
+
+
+def fused_linear_ce_norm_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    forget_mask: torch.Tensor | None = None,
+    norm_weight: float = 1.0,
+    squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """CE on retained rows plus ``norm_weight * ||z||^2`` (or ``||z||``) on forgotten rows, from full
+    ``[N, V]`` logits, exactly as DESIGN.md 4.3 states it.
+
+    Rows whose target is ``ignore_index`` contribute nothing; "mean" divides each term by its own row
+    count (an empty term is 0). The unsquared norm's gradient at ``z = 0`` is 0 (torch's subgradient).
+    """
+    acc = _accum_dtype(hidden.dtype)
+    z = F.linear(hidden, weight, bias).to(acc)
+    n = z.shape[0]
+    valid = target != ignore_index
+    forget = torch.zeros(n, dtype=torch.bool, device=z.device) if forget_mask is None else forget_mask
+    f_rows, c_rows = (valid & forget).to(acc), (valid & ~forget).to(acc)
+    safe_target = torch.where(c_rows.bool(), target.long(), 0)
+    ce = F.cross_entropy(z, safe_target, reduction="none") * c_rows
+    sq = z.square().sum(1)
+    norm = sq if squared else torch.linalg.vector_norm(z, dim=1)
+    pen = norm * f_rows
+    if reduction == "none":
+        return ce + norm_weight * pen
+    if reduction == "sum":
+        return ce.sum() + norm_weight * pen.sum()
+    return ce.sum() / c_rows.sum().clamp_min(1) + norm_weight * pen.sum() / f_rows.sum().clamp_min(1)

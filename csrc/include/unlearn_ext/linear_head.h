@@ -1,0 +1,37 @@
+// What the fused LM-head losses share (fused_linear_masked_kl, fused_linear_ce_norm): the size of a
+// chunk of tokens and the check of a per-token or per-vocabulary vector argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+namespace unlearn_ext {
+
+// Bytes of logits per chunk of tokens (per model).
+constexpr int64_t kHeadChunkBytes = 32 << 20;
+
+// Tokens per chunk: about kHeadChunkBytes of logits, or the value of the environment variable
+// `env_name` (tests use it to run many chunks on small shapes).
+inline int64_t head_tokens_per_chunk(int64_t V, size_t elem_size, const char* env_name) {
+  const char* env = std::getenv(env_name);
+  if (env != nullptr && env[0] != '\0') {
+    char* end = nullptr;
+    const long long rows = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && rows >= 1, env_name, " must be a positive integer, got '", env,
+                      "'");
+    return rows;
+  }
+  return std::max<int64_t>(1, kHeadChunkBytes / (V * static_cast<int64_t>(elem_size)));
+}
+
+// `t` is a 1-D tensor of `n` entries on `device`.
+inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const char* what,
+                         const at::Device& device) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "] (", what, "), got ", t.sizes());
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but hidden is on ", device);
+}
+
+}  // namespace unlearn_ext
