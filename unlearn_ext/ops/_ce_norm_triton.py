@@ -101,6 +101,19 @@ def _check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{name} contains NaN or inf")
 
 
+def _check_targets(target, forget_mask, vocab: int, ignore_index: int) -> None:
+    """Class ids of retained rows must be in [0, V) (a forgotten row's id is unused)."""
+    rows = target != ignore_index
+    if forget_mask is not None:
+        rows &= ~forget_mask
+    ids = target[rows]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(
+            f"target ids of retained rows must be in [0, {vocab}) or ignore_index ({ignore_index}), got {bad}"
+        )
+
+
 def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_index: int):
     """Per-row values (``[N]``, accumulation dtype: CE_n or the norm, 0 on ignored rows) and, when
     ``coef`` (``[N]``, dLoss/d value_n) is given, the gradients (the C++ driver's ``run``)."""
@@ -198,6 +211,7 @@ def fused_linear_ce_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm`` (same schema and results)."""
     _check_finite({"hidden": hidden, "weight": weight, "bias": bias})
+    _check_targets(target, forget_mask, weight.shape[0], ignore_index)
     if compute_grad and reduction == "none":
         raise ValueError("compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
     acc = accum_dtype(hidden.dtype)
@@ -225,6 +239,7 @@ def fused_linear_ce_norm_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm_backward``."""
     _check_finite({"hidden": hidden, "weight": weight, "bias": bias, "the incoming gradient": grad_rows})
+    _check_targets(target, forget_mask, weight.shape[0], ignore_index)
     acc = accum_dtype(hidden.dtype)
     scale = torch.ones_like(grad_rows, dtype=acc)
     if forget_mask is not None:
