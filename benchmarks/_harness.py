@@ -47,6 +47,7 @@ MIB = float(1 << 20)
 __all__ = [
     "MIB",
     "RESULTS_DIR",
+    "check_against_reference",
     "check_close",
     "configure_memory_subprocess",
     "cpu_snapshot",
@@ -59,9 +60,11 @@ __all__ = [
     "peak_memory",
     "peak_memory_cuda",
     "peak_rss_in_subprocess",
+    "print_provider_table",
     "print_table",
     "resolve_device",
     "rss_probe_status",
+    "run_providers",
     "synchronize",
     "time_fn",
     "wait_for_idle",
@@ -691,3 +694,97 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Size | tuple | set):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# The provider loop of the fused-loss benchmarks (bench_masked_kl.py, bench_ce_norm.py)
+# --------------------------------------------------------------------------------------------
+
+
+def run_providers(
+    providers: Sequence[str],
+    device: torch.device,
+    *,
+    make_run: Callable[[str], Callable[[], Any]],
+    check: Callable[[str], dict[str, Any]],
+    skip_reason: Callable[[str], str | None],
+    memory_factory: Callable[[Any], Callable[[], Any]],
+    memory_spec: Callable[[str], Any],
+    min_run_time: float,
+    memory: bool = True,
+) -> list[dict[str, Any]]:
+    """For each provider: skip it (``skip_reason``), check it against the reference (``check``; a
+    failing provider is not timed), time ``make_run(provider)()`` and measure its peak memory (CUDA
+    in process; CPU in a child built by ``memory_factory(memory_spec(provider))``). Returns one row
+    per provider with ``speedup_vs_torch`` / ``memory_vs_torch`` against the ``torch`` row."""
+    rows: list[dict[str, Any]] = []
+    for provider in providers:
+        row: dict[str, Any] = {"provider": provider}
+        rows.append(row)
+        reason = skip_reason(provider)
+        if reason:
+            row.update(status="skipped", reason=reason)
+            continue
+        chk = check(provider)
+        row["check"] = chk
+        if not chk["ok"]:
+            row.update(status="FAILED", reason=chk["note"])
+            continue
+        fn = make_run(provider)
+        try:
+            row.update(status="ok", **{k: v for k, v in time_fn(fn, device, min_run_time).items() if k != "times_ms"})
+        except Exception as exc:  # noqa: BLE001 - an OOM or a peer's failure is a result
+            row.update(status="OOM" if is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}")
+            continue
+        if memory:
+            if device.type == "cuda":
+                row["memory"] = peak_memory(device, fn=fn)
+            else:
+                row["memory"] = peak_memory(device, factory=memory_factory, spec=memory_spec(provider))
+        del fn
+        gc.collect()
+    base = {r["provider"]: r for r in rows if r.get("status") == "ok"}
+    t_torch = base.get("torch", {}).get("median_ms")
+    m_torch = (base.get("torch", {}).get("memory") or {}).get("peak_extra_mib")
+    for r in rows:
+        mem = (r.get("memory") or {}).get("peak_extra_mib")
+        if r.get("status") == "ok":
+            r["speedup_vs_torch"] = t_torch / r["median_ms"] if t_torch else None
+            r["memory_vs_torch"] = mem / m_torch if mem is not None and m_torch else None
+    return rows
+
+
+def print_provider_table(title: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The table of :func:`run_providers` rows."""
+    table = [
+        [
+            r["provider"],
+            r.get("status"),
+            format_float(r.get("median_ms"), suffix=" ms"),
+            format_float((r.get("memory") or {}).get("peak_extra_mib"), suffix=" MiB"),
+            format_float(r.get("speedup_vs_torch"), suffix="x"),
+            format_float(r.get("memory_vs_torch")),
+            format_float((r.get("check") or {}).get("max_rel_err")),
+            r.get("reason", ""),
+        ]
+        for r in rows
+    ]
+    print_table(
+        title,
+        ["provider", "status", "time", "peak extra", "x faster than torch", "memory / torch", "rel. err", "note"],
+        table,
+    )
+
+
+def check_against_reference(
+    got: Sequence[torch.Tensor | None], want: Sequence[torch.Tensor | None], names: Sequence[str], tol: float
+) -> dict[str, Any]:
+    """:func:`check_close` over several outputs (loss and gradients): the worst relative error, or
+    the first failing output's name."""
+    worst = 0.0
+    for name, a, b in zip(names, got, want, strict=True):
+        c = check_close(a, b, tol)
+        if not c["ok"]:
+            return {"ok": False, "note": f"{name}: {c.get('note') or c['max_rel_err']}"}
+        worst = max(worst, c["max_rel_err"])
+    return {"ok": True, "max_rel_err": worst}

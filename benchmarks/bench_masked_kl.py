@@ -159,14 +159,7 @@ def check(provider: str, case: dict[str, Any], device: str) -> dict[str, Any]:
     got = make_provider(provider, sub, d)()
     d64 = {k: (v.double() if v.is_floating_point() else v) for k, v in d.items()}
     want = make_provider("reference", sub, d64)()
-    tol = TOL[case["dtype"]]
-    worst = None
-    for name, a, b in zip(("loss", "d_hidden", "d_weight"), got, want, strict=True):
-        c = H.check_close(a, b, tol)
-        if not c["ok"]:
-            return {"ok": False, "note": f"{name}: {c.get('note') or c['max_rel_err']}"}
-        worst = max(worst or 0.0, c["max_rel_err"])
-    return {"ok": True, "max_rel_err": worst}
+    return H.check_against_reference(got, want, ("loss", "d_hidden", "d_weight"), TOL[case["dtype"]])
 
 
 def main() -> None:
@@ -185,57 +178,18 @@ def main() -> None:
     )
     H.configure_memory_subprocess(preload=["unlearn_ext"])
     print(f"fused_linear_masked_kl: {case}", flush=True)
-    rows = []
-    for provider in providers:
-        row: dict[str, Any] = {"provider": provider}
-        rows.append(row)
-        reason = skip_reason(provider, device)
-        if reason:
-            row.update(status="skipped", reason=reason)
-            continue
-        chk = check(provider, case, device.type)
-        row["check"] = chk
-        if not chk["ok"]:
-            row.update(status="FAILED", reason=chk["note"])
-            continue
-        d = make_inputs(case, device.type)
-        fn = make_provider(provider, case, d)
-        try:
-            row.update(status="ok", **{k: v for k, v in H.time_fn(fn, device, min_run).items() if k != "times_ms"})
-        except Exception as exc:  # noqa: BLE001 - an OOM or a peer's failure is a result
-            row.update(status="OOM" if H.is_oom(exc) else "error", reason=f"{type(exc).__name__}: {exc}")
-            continue
-        if not args.no_memory:
-            if device.type == "cuda":
-                row["memory"] = H.peak_memory(device, fn=fn)
-            else:
-                spec = {"case": case, "provider": provider}
-                row["memory"] = H.peak_memory(device, factory=memory_factory, spec=spec)
-        del fn, d
-    base = {r["provider"]: r for r in rows if r.get("status") == "ok"}
-    t_torch = base.get("torch", {}).get("median_ms")
-    m_torch = (base.get("torch", {}).get("memory") or {}).get("peak_extra_mib")
-    table = []
-    for r in rows:
-        mem = (r.get("memory") or {}).get("peak_extra_mib")
-        if r.get("status") == "ok":
-            r["speedup_vs_torch"] = t_torch / r["median_ms"] if t_torch else None
-            r["memory_vs_torch"] = mem / m_torch if mem is not None and m_torch else None
-        table.append([
-            r["provider"],
-            r.get("status"),
-            H.format_float(r.get("median_ms"), suffix=" ms"),
-            H.format_float(mem, suffix=" MiB"),
-            H.format_float(r.get("speedup_vs_torch"), suffix="x"),
-            H.format_float(r.get("memory_vs_torch")),
-            H.format_float((r.get("check") or {}).get("max_rel_err")),
-            r.get("reason", ""),
-        ])  # fmt: skip
-    H.print_table(
+    rows = H.run_providers(
+        providers, device,
+        make_run=lambda p: make_provider(p, case, make_inputs(case, device.type)),
+        check=lambda p: check(p, case, device.type),
+        skip_reason=lambda p: skip_reason(p, device),
+        memory_factory=memory_factory, memory_spec=lambda p: {"case": case, "provider": p},
+        min_run_time=min_run, memory=not args.no_memory,
+    )  # fmt: skip
+    H.print_provider_table(
         f"fused_linear_masked_kl fwd+bwd, N={case['N']} H={case['H']} V={case['V']} {case['dtype']}"
         + (" +CE" if case["ce"] else ""),
-        ["provider", "status", "time", "peak extra", "x faster than torch", "memory / torch", "rel. err", "note"],
-        table,
+        rows,
     )
     name = args.out or f"masked_kl_{device.type}" + ("_quick" if args.quick else "") + ("_ce" if args.ce else "")
     path = H.write_json(name, {"case": case, "environment": H.environment_info(device), "rows": rows})

@@ -5,7 +5,7 @@
 #   under $OUT (what the device tool brings back), named after the GPU.
 # Usage there:  bash benchmarks/gpu_check.sh            (OUT defaults to ./.gpu_out)
 # Knobs: SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS="..." (extra bench_fisher.py flags).
-# Benchmarks: bench_fisher.py and bench_masked_kl.py, JSON named after the GPU.
+# Benchmarks: bench_fisher.py, bench_masked_kl.py and bench_ce_norm.py, JSON named after the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.gpu_out}
@@ -49,6 +49,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     >"$OUT/bench_masked_kl.log" 2>&1 || status=1
   tail -15 "$OUT/bench_masked_kl.log"
   cp benchmarks/results/masked_kl_"${gpu}".json "$OUT/" 2>/dev/null || true
+  # OPC's loss at Llama-3 sizes (N=8192, H=4096, V=131072, bf16): torch, compile, Liger, CCE, cuda, triton.
+  timeout 300 $PY benchmarks/bench_ce_norm.py --device cuda --out "ce_norm_${gpu}" \
+    >"$OUT/bench_ce_norm.log" 2>&1 || status=1
+  tail -15 "$OUT/bench_ce_norm.log"
+  cp benchmarks/results/ce_norm_"${gpu}".json "$OUT/" 2>/dev/null || true
 fi
 echo "gpu_check: done (status $status); files in $OUT"
 exit $status
