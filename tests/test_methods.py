@@ -97,6 +97,7 @@ EFFECTIVE = {
     "random_label": (0.10, 0.05),  # 0.00 [0.00]; retained drops up to 3 points
     "salun": (0.10, 0.05),  # 0.00 [0.00]; retained drops up to 3.4 points
     "bad_teacher": (0.30, 0.05),  # 0.05 here [0.14]
+    "opc": (0.20, 0.05),  # 0.08 here; retained drops 3.7 points (logit contraction; on="features": 0.00 / 0.6)
 }
 # Known to forget only partially with their default hyperparameters on this task (measured
 # forget-class test accuracy here: finetune 0.35, neggrad 0.81, neggrad_plus 0.81, scrub 0.95;

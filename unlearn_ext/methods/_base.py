@@ -25,7 +25,6 @@ _REGISTRY: dict[str, type[Unlearner]] = {}
 
 #: Methods specified in DESIGN.md 5 whose issue has not landed yet.
 PLANNED = {
-    "opc": "OPC (issue 5: fused CE + norm penalty)",
     "muso": "MUSO (issue 6: optimal relabelling)",
 }
 #: Methods of another setting: forgetting a visual concept from a (multimodal) LLM, not classes or
@@ -49,6 +48,7 @@ def register(cls: type[Unlearner]) -> type[Unlearner]:
 _ORDER = (
     "retrain",
     "mnemonic",
+    "opc",
     "finetune",
     "neggrad",
     "neggrad_plus",
