@@ -186,11 +186,15 @@ def make_autograd(backward_op):
         norm_weight, squared, ignore_index, reduction, compute_grad = ctx.options
         needs = ctx.needs_input_grad
         if compute_grad:
+            # An upstream gradient of exactly 1 (loss.backward()) returns the saved gradients as they
+            # are: the [V, H] weight gradient is the largest buffer, and a scaled copy would double it.
             gh, gw, gb = ctx.saved_tensors
             g = grad_loss.to(gh.dtype)
-            dh = gh * g if needs[0] else None
-            dw = gw * g if needs[1] else None
-            db = gb * g if ctx.has_bias and needs[2] else None
+            # (Only a plain tensor's value is inspected: not under tracing, fake or functional tensors.)
+            unit = type(g) is torch.Tensor and g.device.type != "meta" and bool(g == 1)
+            dh = (gh if unit else gh * g) if needs[0] else None
+            dw = (gw if unit else gw * g) if needs[1] else None
+            db = (gb if unit else gb * g) if ctx.has_bias and needs[2] else None
         else:
             hidden, weight, bias, target, forget_mask = ctx.saved_tensors
             n = hidden.shape[0]
