@@ -15,16 +15,12 @@ upcast to float32 (the interpreter's bf16 arithmetic is broken).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from unlearn_ext._triton import interpreter_enabled
 from unlearn_ext.ops._common import accum_dtype
-
-_CHUNK_ELEMS = 8 << 20  # logits per chunk of rows (32 MiB in float32)
+from unlearn_ext.ops._head_chunks import accumulate_grads, block_v, check_finite, logits_into, rows_per_chunk
 
 
 @triton.jit
@@ -79,28 +75,6 @@ def _ce_norm_rows_kernel(
             tl.store(z_row + offs, g.to(z_ptr.dtype.element_ty), mask=inb)
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    env = os.environ.get("UNLEARN_EXT_CE_CHUNK_ROWS", "")
-    if env:
-        rows = int(env)
-        if rows < 1:
-            raise ValueError(f"UNLEARN_EXT_CE_CHUNK_ROWS must be a positive integer, got {env!r}")
-        return rows
-    return max(1, _CHUNK_ELEMS // vocab)
-
-
-def _block_v(vocab: int) -> int:
-    # Small tiles under the interpreter so that tests cross tile boundaries on small vocabularies.
-    cap = 64 if interpreter_enabled() else 4096
-    return min(cap, triton.next_power_of_2(vocab))
-
-
-def _check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-
-
 def _check_targets(target, forget_mask, vocab: int, ignore_index: int) -> None:
     """Class ids of retained rows must be in [0, V) (a forgotten row's id is unused)."""
     rows = target != ignore_index
@@ -150,7 +124,7 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
         gw = torch.empty(v, h_dim, dtype=dt, device=dev)
         gb = torch.empty(v, dtype=dt, device=dev) if bias is not None else None
-    rows = min(n_act, _rows_per_chunk(v))
+    rows = min(n_act, rows_per_chunk(v, "UNLEARN_EXT_CE_CHUNK_ROWS"))
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     w = weight.contiguous()
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
@@ -158,24 +132,13 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
         m = min(rows, n_act - n0)
         z = zbuf[:m]
         hc = h[n0 : n0 + m]
-        if bias is not None:
-            torch.addmm(bias, hc, w.T, out=z)
-        else:
-            torch.mm(hc, w.T, out=z)
+        logits_into(z, hc, w, bias)
         _ce_norm_rows_kernel[(m,)](
             z, tgt_a[n0:], forget_a[n0:], coef_a[n0:], val_a[n0:], v, z.stride(0),
-            SQUARED=bool(squared), GRAD=grad, ACC=acc_tl, BLOCK_V=_block_v(v),
+            SQUARED=bool(squared), GRAD=grad, ACC=acc_tl, BLOCK_V=block_v(v),
         )  # fmt: skip
         if grad:
-            torch.mm(z, w, out=gh_a[n0 : n0 + m])
-            if n0 == 0:
-                torch.mm(z.T, hc, out=gw)
-                if gb is not None:
-                    torch.sum(z, 0, out=gb)
-            else:
-                gw.addmm_(z.T, hc)
-                if gb is not None:
-                    gb.add_(z.sum(0))
+            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], gw, gb, first=n0 == 0)
     if gather:
         values.index_copy_(0, idx, val_a)
         if grad:
@@ -210,7 +173,7 @@ def fused_linear_ce_norm_triton(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm`` (same schema and results)."""
-    _check_finite({"hidden": hidden, "weight": weight, "bias": bias})
+    check_finite({"hidden": hidden, "weight": weight, "bias": bias})
     _check_targets(target, forget_mask, weight.shape[0], ignore_index)
     if compute_grad and reduction == "none":
         raise ValueError("compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
@@ -238,7 +201,7 @@ def fused_linear_ce_norm_backward_triton(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm_backward``."""
-    _check_finite({"hidden": hidden, "weight": weight, "bias": bias, "the incoming gradient": grad_rows})
+    check_finite({"hidden": hidden, "weight": weight, "bias": bias, "the incoming gradient": grad_rows})
     _check_targets(target, forget_mask, weight.shape[0], ignore_index)
     acc = accum_dtype(hidden.dtype)
     scale = torch.ones_like(grad_rows, dtype=acc)

@@ -149,3 +149,21 @@ def _cuda_missing_reason() -> str:
     if not _loader.BUILD_INFO.get("with_cuda"):
         return "this build of unlearn_ext has no CUDA kernels; rebuild where torch has CUDA"
     return "no CUDA kernel registered"
+
+
+def scale_saved_grads(saved, grad_loss: torch.Tensor, needs: Sequence[bool], has_bias: bool):
+    """Backward of a fused loss whose forward already computed its gradients ``saved = (dh, dw, db)``:
+    each scaled by the scalar upstream ``grad_loss``, or ``None`` where ``needs`` (the first three
+    ``ctx.needs_input_grad``) says no. An upstream gradient of exactly 1 (``loss.backward()``)
+    returns the saved tensors as they are: the ``[V, H]`` weight gradient is the largest buffer, and a
+    scaled copy would double it. Only a plain tensor's value is inspected (not a fake or functional
+    tensor under tracing, which always multiplies)."""
+    gh, gw, gb = saved
+    g = grad_loss.to(gh.dtype)
+    unit = type(g) is torch.Tensor and g.device.type != "meta" and bool(g == 1)
+    out = [t if unit else t * g for t in (gh, gw, gb)]
+    return (
+        out[0] if needs[0] else None,
+        out[1] if needs[1] else None,
+        out[2] if has_bias and needs[2] else None,
+    )

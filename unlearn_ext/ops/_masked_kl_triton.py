@@ -17,16 +17,12 @@ backward op instead (the memory mode: nothing ``[V, H]``-sized is saved). Under
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from unlearn_ext._triton import interpreter_enabled
 from unlearn_ext.ops._common import accum_dtype
-
-_CHUNK_ELEMS = 8 << 20  # logits per model and chunk of tokens (32 MiB in float32)
+from unlearn_ext.ops._head_chunks import accumulate_grads, block_v, check_finite, logits_into, rows_per_chunk
 
 
 @triton.jit
@@ -124,28 +120,6 @@ def _masked_kl_rows_kernel(
             tl.store(z_row + offs, g.to(z_ptr.dtype.element_ty), mask=inb)
 
 
-def _tokens_per_chunk(vocab: int) -> int:
-    env = os.environ.get("UNLEARN_EXT_KL_CHUNK_ROWS", "")
-    if env:
-        rows = int(env)
-        if rows < 1:
-            raise ValueError(f"UNLEARN_EXT_KL_CHUNK_ROWS must be a positive integer, got {env!r}")
-        return rows
-    return max(1, _CHUNK_ELEMS // vocab)
-
-
-def _block_v(vocab: int) -> int:
-    # Small tiles under the interpreter so that tests cross tile boundaries on small vocabularies.
-    cap = 64 if interpreter_enabled() else 4096
-    return min(cap, triton.next_power_of_2(vocab))
-
-
-def _check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-
-
 def _run(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
     want_kl: bool, want_ce: bool, grad: bool, kl_coef, ce_coef, temperature: float, ignore_index: int,
@@ -202,29 +176,23 @@ def _run(
         gw = torch.empty(v, h_dim, dtype=dt, device=dev)
         gb = torch.empty(v, dtype=dt, device=dev) if bias is not None else None
     vm = vocab_mask.to(acc).contiguous() if vocab_mask is not None else kl_a
-    rows = min(n_act, _tokens_per_chunk(v))
+    rows = min(n_act, rows_per_chunk(v, "UNLEARN_EXT_KL_CHUNK_ROWS"))
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     rbuf = torch.empty(rows, v, dtype=dt, device=dev) if any_kl else None
     w = weight.contiguous()
     rw = ref_weight.contiguous() if any_kl else None
-    block = _block_v(v)
+    block = block_v(v)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     inv_t = torch.full((1,), 1.0 / temperature, dtype=acc, device=dev)
     for n0 in range(0, n_act, rows):
         m = min(rows, n_act - n0)
         z = zbuf[:m]
         hc = h[n0 : n0 + m]
-        if bias is not None:
-            torch.addmm(bias, hc, w.T, out=z)
-        else:
-            torch.mm(hc, w.T, out=z)
+        logits_into(z, hc, w, bias)
         r = z
         if any_kl:
             r = rbuf[:m]
-            if ref_bias is not None:
-                torch.addmm(ref_bias, hr[n0 : n0 + m], rw.T, out=r)
-            else:
-                torch.mm(hr[n0 : n0 + m], rw.T, out=r)
+            logits_into(r, hr[n0 : n0 + m], rw, ref_bias)
         _masked_kl_rows_kernel[(m,)](
             z, r, vm, tgt_a[n0:], kl_row_a[n0:], klc_a[n0:], cec_a[n0:], kl_a[n0:], ce_a[n0:],
             inv_t, v, z.stride(0), r.stride(0),
@@ -232,15 +200,7 @@ def _run(
             ACC=acc_tl, BLOCK_V=block,
         )  # fmt: skip
         if grad:
-            torch.mm(z, w, out=gh_a[n0 : n0 + m])
-            if n0 == 0:
-                torch.mm(z.T, hc, out=gw)
-                if gb is not None:
-                    torch.sum(z, 0, out=gb)
-            else:
-                gw.addmm_(z.T, hc)
-                if gb is not None:
-                    gb.add_(z.sum(0))
+            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], gw, gb, first=n0 == 0)
     if gather:
         kl.index_copy_(0, idx, kl_a)
         ce.index_copy_(0, idx, ce_a)
@@ -254,7 +214,7 @@ def _run(
 def _validate(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature):
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    _check_finite(
+    check_finite(
         {"hidden": hidden, "weight": weight, "ref_hidden": ref_hidden, "ref_weight": ref_weight, "bias": bias,
          "ref_bias": ref_bias}
     )  # fmt: skip
@@ -325,7 +285,7 @@ def fused_linear_masked_kl_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_masked_kl_backward``."""
     _validate(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature)
-    _check_finite({"the incoming gradient": grad_kl, "the incoming gradient (CE)": grad_ce})
+    check_finite({"the incoming gradient": grad_kl, "the incoming gradient (CE)": grad_ce})
     want_kl = bool((grad_kl != 0).any())
     want_ce = target is not None and bool((grad_ce != 0).any())
     _, _, gh, gw, gb = _run(

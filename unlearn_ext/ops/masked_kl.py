@@ -27,6 +27,7 @@ from unlearn_ext.ops._common import (
     check_same_device,
     check_tensor,
     resolve_backend,
+    scale_saved_grads,
 )
 
 __all__ = ["fused_linear_masked_kl"]
@@ -226,15 +227,7 @@ def make_autograd(backward_op):
         kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad = ctx.options
         needs = ctx.needs_input_grad
         if compute_grad:
-            # An upstream gradient of exactly 1 (loss.backward()) returns the saved gradients as they
-            # are: the [V, H] weight gradient is the largest buffer, and a scaled copy would double it.
-            # (Only a plain tensor's value is inspected: not under tracing, fake or functional tensors.)
-            gh, gw, gb = ctx.saved_tensors
-            g = grad_loss.to(gh.dtype)
-            unit = type(g) is torch.Tensor and g.device.type != "meta" and bool(g == 1)
-            dh = (gh if unit else gh * g) if needs[0] else None
-            dw = (gw if unit else gw * g) if needs[1] else None
-            db = (gb if unit else gb * g) if ctx.has_bias and needs[2] else None
+            dh, dw, db = scale_saved_grads(ctx.saved_tensors, grad_loss, needs, ctx.has_bias)
         else:
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target = ctx.saved_tensors
             n = hidden.shape[0]
