@@ -135,7 +135,6 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
   const int64_t rows =
       std::min<int64_t>(n_act, head_tokens_per_chunk(p.V, p.hidden.element_size(), "UNLEARN_EXT_CE_CHUNK_ROWS"));
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
-  const at::Tensor wt = p.weight.t();
   CENormChunk chunk;
   chunk.squared = squared;
   chunk.grad = grad;
@@ -143,28 +142,14 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     const int64_t m = std::min(rows, n_act - n0);
     at::Tensor z = zbuf.narrow(0, 0, m);
     const at::Tensor hc = h.narrow(0, n0, m);
-    if (p.bias.defined()) {
-      at::addmm_out(z, p.bias, hc, wt);
-    } else {
-      at::mm_out(z, hc, wt);
-    }
+    head_logits_into(z, hc, p.weight, p.bias);
     chunk.z = z;
     chunk.target = tgt_a.narrow(0, n0, m);
     chunk.forget = forget_a.narrow(0, n0, m);
     chunk.coef = grad ? coef_a.narrow(0, n0, m) : at::Tensor();
     chunk.out = val_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) {
-      at::Tensor ghc = gh_a.narrow(0, n0, m);
-      at::mm_out(ghc, z, p.weight);
-      if (n0 == 0) {
-        at::mm_out(res.gw, z.t(), hc);
-        if (p.bias.defined()) at::sum_out(res.gb, z, 0);
-      } else {
-        res.gw.addmm_(z.t(), hc);
-        if (p.bias.defined()) res.gb.add_(z.sum(0));
-      }
-    }
+    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), res.gw, res.gb, n0 == 0);
   }
   if (gather) {
     res.values.index_copy_(0, idx, val_a);
@@ -173,16 +158,6 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     res.values = val_a;
   }
   return res;
-}
-
-enum class Reduction { kNone, kMean, kSum };
-
-Reduction parse_reduction(c10::string_view reduction) {
-  const std::string r(reduction);
-  if (r == "none") return Reduction::kNone;
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK_VALUE(false, "reduction must be 'mean', 'sum' or 'none', got '", r, "'");
 }
 
 }  // namespace

@@ -200,7 +200,6 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
   const int64_t rows = std::min<int64_t>(n_act, tokens_per_chunk(p.V, p.hidden.element_size()));
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
   at::Tensor rbuf = any_kl_row ? at::empty({rows, p.V}, opts) : at::Tensor();
-  const at::Tensor wt = p.weight.t(), rwt = p.ref_weight.t();
 
   MaskedKLChunk chunk;
   if (p.vocab_mask.defined()) {
@@ -215,20 +214,12 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     const int64_t m = std::min(rows, n_act - n0);
     at::Tensor z = zbuf.narrow(0, 0, m);
     const at::Tensor hc = h.narrow(0, n0, m);
-    if (p.bias.defined()) {
-      at::addmm_out(z, p.bias, hc, wt);
-    } else {
-      at::mm_out(z, hc, wt);
-    }
+    head_logits_into(z, hc, p.weight, p.bias);
     chunk.r = at::Tensor();
     if (any_kl_row) {
       chunk.r = rbuf.narrow(0, 0, m);
       const at::Tensor hrc = hr.narrow(0, n0, m);
-      if (p.ref_bias.defined()) {
-        at::addmm_out(chunk.r, p.ref_bias, hrc, rwt);
-      } else {
-        at::mm_out(chunk.r, hrc, rwt);
-      }
+      head_logits_into(chunk.r, hrc, p.ref_weight, p.ref_bias);
     }
     chunk.z = z;
     chunk.target = tgt_a.narrow(0, n0, m);
@@ -238,17 +229,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     chunk.kl_out = kl_a.narrow(0, n0, m);
     chunk.ce_out = ce_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) {
-      at::Tensor ghc = gh_a.narrow(0, n0, m);
-      at::mm_out(ghc, z, p.weight);
-      if (n0 == 0) {
-        at::mm_out(res.gw, z.t(), hc);
-        if (p.bias.defined()) at::sum_out(res.gb, z, 0);
-      } else {
-        res.gw.addmm_(z.t(), hc);
-        if (p.bias.defined()) res.gb.add_(z.sum(0));
-      }
-    }
+    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), res.gw, res.gb, n0 == 0);
   }
   if (gather) {
     res.kl.index_copy_(0, idx, kl_a);
@@ -259,16 +240,6 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     res.ce = ce_a;
   }
   return res;
-}
-
-enum class Reduction { kNone, kMean, kSum };
-
-Reduction parse_reduction(c10::string_view reduction) {
-  const std::string r(reduction);
-  if (r == "none") return Reduction::kNone;
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK_VALUE(false, "reduction must be 'mean', 'sum' or 'none', got '", r, "'");
 }
 
 // ---------------------------------------------------------------------------------------------

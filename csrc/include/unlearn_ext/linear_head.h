@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 namespace unlearn_ext {
 
@@ -32,6 +33,39 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const
                          const at::Device& device) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "] (", what, "), got ", t.sizes());
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but hidden is on ", device);
+}
+
+enum class Reduction { kNone, kMean, kSum };
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  const std::string r(reduction);
+  if (r == "none") return Reduction::kNone;
+  if (r == "mean") return Reduction::kMean;
+  if (r == "sum") return Reduction::kSum;
+  TORCH_CHECK_VALUE(false, "reduction must be 'mean', 'sum' or 'none', got '", r, "'");
+}
+
+// z = h W^T + b into the chunk buffer `z` ([m, V]); `bias` undefined for none.
+inline void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(z, bias, h, weight.t());
+  } else {
+    at::mm_out(z, h, weight.t());
+  }
+}
+
+// From a chunk's g = dLoss/dz ([m, V]): gh = g W (the chunk's rows of grad_hidden); grad_weight
+// (and grad_bias when defined) set by the first chunk, accumulated by the others.
+inline void accumulate_head_grads(const at::Tensor& g, const at::Tensor& h, const at::Tensor& weight, at::Tensor gh,
+                                  at::Tensor& gw, at::Tensor& gb, bool first) {
+  at::mm_out(gh, g, weight);
+  if (first) {
+    at::mm_out(gw, g.t(), h);
+    if (gb.defined()) at::sum_out(gb, g, 0);
+  } else {
+    gw.addmm_(g.t(), h);
+    if (gb.defined()) gb.add_(g.sum(0));
+  }
 }
 
 }  // namespace unlearn_ext
