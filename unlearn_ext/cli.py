@@ -49,6 +49,11 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--fresh", action="store_true", help="retrain the cached original and retrained models")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-deep",
+        action="store_true",
+        help="skip the deep-forgetting metrics (recovery attacks, CKA, linear probe; a few seconds per method)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "fresh": args.fresh,
         "use_cache": not args.no_cache,
+        "deep": not args.no_deep,
     }
     try:
         if args.command == "demo":

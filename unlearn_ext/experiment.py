@@ -18,7 +18,7 @@ import unlearn_ext
 from unlearn_ext._cache import cache_path
 from unlearn_ext._progress import progress_bar
 from unlearn_ext.data import ForgetSplit, load_dataset, make_forget_split
-from unlearn_ext.eval import evaluate
+from unlearn_ext.eval import evaluate, take_samples
 from unlearn_ext.methods import available_methods, get_method
 from unlearn_ext.models import DEFAULT_TRAIN_CONFIGS, TrainConfig, load_checkpoint, save_checkpoint, train_classifier
 
@@ -40,6 +40,10 @@ class ExperimentSpec:
     batch_size: int = 128
     fresh: bool = False
     use_cache: bool = True
+    deep: bool = True
+    """Add the deep-forgetting metrics (FM and fine-tuning recovery attacks, CKA, linear probe) to every row."""
+    deep_options: dict = field(default_factory=dict)
+    """Options of :func:`unlearn_ext.eval.deep_forgetting_metrics` (e.g. ``inversion_samples``)."""
 
 
 def _versions() -> dict:
@@ -105,15 +109,37 @@ def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
     original, original_seconds, original_cached = _trained("original", spec, split, None, progress)
     retrained, retrain_seconds, retrain_cached = _trained("retrain", spec, split, split.retain_idx, progress)
 
+    options: dict | None = None
+    if spec.deep:
+        options = dict(spec.deep_options)
+        if "finetune_batches" not in options and options.get("finetune_steps", 1) > 0:
+            # One retain subset for every row, so the fine-tuning attack is the same for all.
+            n = options.pop("finetune_samples", 256)
+            options["finetune_batches"] = take_samples(batches["retain"], n, seed=spec.seed)
+
+    def deep_for(model: nn.Module) -> dict:
+        """evaluate()'s deep-forgetting arguments for ``model`` (none when ``spec.deep`` is off)."""
+        if options is None:
+            return {}
+        return {"deep": True, "deep_options": {**options, "retrained": None if model is retrained else retrained}}
+
     rows: dict[str, dict] = {}
     retrained_metrics = evaluate(retrained, eval_splits, seed=spec.seed)
+    deep_retrain = {}
+    if options is not None:
+        deep_retrain = evaluate(
+            retrained, eval_splits, original=original, mia=False, seed=spec.seed, **deep_for(retrained)
+        )
     rows["original"] = {
-        **evaluate(original, eval_splits, retrained=retrained_metrics, seed=spec.seed),
+        **evaluate(
+            original, eval_splits, original=original, retrained=retrained_metrics, seed=spec.seed, **deep_for(original)
+        ),
         "seconds": original_seconds,  # training time of the original model, not an unlearning time
         "speedup_vs_retrain": None,  # not an unlearning method: nothing was unlearned
         "cached": original_cached,
     }
     rows["retrain"] = {
+        **deep_retrain,
         **retrained_metrics,
         "avg_gap": 0.0,
         "seconds": retrain_seconds,
@@ -139,7 +165,14 @@ def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
                 }
             else:
                 rows[name] = {
-                    **evaluate(model, eval_splits, original=original, retrained=retrained_metrics, seed=spec.seed),
+                    **evaluate(
+                        model,
+                        eval_splits,
+                        original=original,
+                        retrained=retrained_metrics,
+                        seed=spec.seed,
+                        **deep_for(model),
+                    ),  # fmt: skip
                     "seconds": seconds,
                     "speedup_vs_retrain": retrain_seconds / max(seconds, 1e-9),
                     "hparams": method.hparams(),

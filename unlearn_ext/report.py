@@ -18,16 +18,28 @@ TABLE_COLUMNS = (
     ("mia", "MIA"),
     ("avg_gap", "gap"),
 )
+#: Deep-forgetting columns of the table (percent, except CKA printed as x100 too): (key, header).
+DEEP_TABLE_COLUMNS = (
+    ("fm_recovered_forget_acc", "FM-rec fgt"),
+    ("fm_recovered_test_acc", "FM-rec test"),
+    ("ft_recovered_forget_acc", "FT-rec fgt"),
+    ("cka_original_forget", "CKA orig"),
+)
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Write ``report.json``, ``accuracy.png`` and ``time.png`` into ``out_dir`` (atomically each)."""
+    """Write ``report.json``, ``accuracy.png``, ``time.png`` and, with deep-forgetting metrics,
+    ``deep.png`` into ``out_dir`` (atomically each)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json"]
     atomic_write_bytes(written[0], (json.dumps(report, indent=2, default=_jsonable) + "\n").encode())
     written += _plots(report, out)
     return written
+
+
+def _has_deep(rows: dict) -> bool:
+    return any(k in r for r in rows.values() for k, _ in DEEP_TABLE_COLUMNS)
 
 
 def _jsonable(v):
@@ -74,6 +86,21 @@ def _plots(report: dict, out: Path) -> list[Path]:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     paths.append(_save(fig, out / "time.png"))
+
+    if _has_deep(rows):
+        keys = [k for k, _ in DEEP_TABLE_COLUMNS if any(k in r for r in rows.values())]
+        labels = dict(DEEP_TABLE_COLUMNS)
+        fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
+        width = 0.8 / len(keys)
+        for i, k in enumerate(keys):
+            ax.bar(x + i * width - 0.4 + width / 2, [rows[n].get(k, np.nan) for n in names], width, label=labels[k])
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy after the attack / CKA")
+        ax.set_title("deep forgetting: recovery attacks and CKA to the original on the forget set")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "deep.png"))
     plt.close("all")
     return paths
 
@@ -97,7 +124,7 @@ def print_table(report: dict) -> None:
     )
     table.add_column("method", no_wrap=True)
     rows = report["methods"]
-    cols = [(k, label) for k, label in TABLE_COLUMNS if any(k in r for r in rows.values())]
+    cols = [(k, label) for k, label in TABLE_COLUMNS + DEEP_TABLE_COLUMNS if any(k in r for r in rows.values())]
     for _, label in cols:
         table.add_column(label, justify="right")
     table.add_column("seconds", justify="right")
@@ -112,6 +139,13 @@ def print_table(report: dict) -> None:
         table.add_row(name, *cells, f"{r['seconds']:.3g}{cached}", f"{speed:.3g}" if speed else "-")
     Console(width=max(Console().width, 132)).print(table)
     Console().print("accuracies and MIA in %, gap = mean |difference| to retrain (test, forget, MIA) in points")
+    if _has_deep(rows):
+        Console().print(
+            "deep forgetting (x100): FM-rec = accuracy of the feature-mapping recovery attack (affine map fitted on "
+            "retain features to the original's, then the original head) on the forget set / the whole test set; "
+            "FT-rec = forget accuracy after 50 SGD steps on 256 retain samples; CKA orig = linear CKA of the "
+            "forget set's features to the original's"
+        )
 
 
 #: ``unlearn mmu`` table columns: (report key, header, higher is better).

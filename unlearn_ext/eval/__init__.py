@@ -7,6 +7,7 @@ parameters, buffers and ``training`` flags are left as they were (the fine-tunin
 deep copy; gradient inversion differentiates through the model in eval mode without writing ``.grad``).
 """
 
+from unlearn_ext.eval.deep import DEEP_KEYS, deep_forgetting_metrics, take_samples
 from unlearn_ext.eval.inversion import gradient_inversion, psnr, ssim, total_variation
 from unlearn_ext.eval.mia import entropy_mia, loss_mia, mia_auc
 from unlearn_ext.eval.predictions import (
@@ -37,10 +38,12 @@ __all__ = [
     "GAP_KEYS",
     "SPLIT_NAMES",
     "CKAAccumulator",
+    "DEEP_KEYS",
     "FeatureMap",
     "accuracy",
     "accuracy_from_logits",
     "average_gap",
+    "deep_forgetting_metrics",
     "entropy",
     "entropy_mia",
     "evaluate",
@@ -59,6 +62,7 @@ __all__ = [
     "predict",
     "psnr",
     "ssim",
+    "take_samples",
     "total_variation",
     "true_class_confidence",
 ]

@@ -207,6 +207,7 @@ def feature_mapping_attack(
     attack_batches: Batches,
     *,
     ridge: float = 1e-3,
+    feature_map: FeatureMap | None = None,
 ) -> dict[str, float | int]:
     """Training-free feature-mapping (FM) recovery attack (METHODS.md 4.3, 6.4).
 
@@ -220,6 +221,8 @@ def feature_mapping_attack(
         fit_batches, attack_batches: ``(inputs, targets)`` batches, targets ``[B]`` class indices.
         ridge: relative ridge penalty (a fraction of the average per-dimension variance of the
             unlearned features on the fitting set; see :func:`fit_affine_map`).
+        feature_map: a map already fitted by :func:`fit_feature_map` on ``fit_batches`` (attacking
+            several sets with one fit); ``fit_batches`` and ``ridge`` are then not used.
 
     Returns:
         ``{"recovered_acc", "unlearned_acc", "original_acc"}``: top-1 accuracies on the attack set in
@@ -230,7 +233,8 @@ def feature_mapping_attack(
         ValueError: on empty batches, bad targets, a model without a final ``nn.Linear``, or ``ridge < 0``.
     """
     head = final_linear(original)
-    feature_map = fit_feature_map(unlearned, original, fit_batches, ridge=ridge)
+    if feature_map is None:
+        feature_map = fit_feature_map(unlearned, original, fit_batches, ridge=ridge)
     weight = head.weight.detach().to(torch.float64)
     bias = None if head.bias is None else head.bias.detach().to(torch.float64)
     correct = {"recovered_acc": 0, "unlearned_acc": 0, "original_acc": 0}

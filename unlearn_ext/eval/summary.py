@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unlearn_ext.eval.deep import deep_forgetting_metrics
 from unlearn_ext.eval.mia import entropy_mia, loss_mia
 from unlearn_ext.eval.predictions import Batches, accuracy_from_logits, predict
 
@@ -56,6 +57,8 @@ def evaluate(
     original: nn.Module | None = None,
     retrained: nn.Module | Mapping[str, Any] | None = None,
     mia: bool = True,
+    deep: bool = False,
+    deep_options: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Evaluate an (unlearned) model on the unlearning splits.
@@ -73,6 +76,10 @@ def evaluate(
         retrained: the model retrained without the forget set, or its own ``evaluate()`` output; adds
             ``"avg_gap"`` (a model is evaluated first on the same splits, with the same ``mia`` and ``seed``).
         mia: run the membership-inference attacks (needs ``"retain"`` and ``"test"``; scikit-learn).
+        deep: add the deep-forgetting metrics of :func:`~unlearn_ext.eval.deep_forgetting_metrics`
+            (recovery attacks, CKA, linear probe; needs ``original`` and ``"retain"``; CKA to the
+            retrained model when ``retrained`` is a model, or ``deep_options["retrained"]``);
+            ``deep_options`` are passed on to it.
         seed: seed of the attacks' class-balancing subsample.
 
     Returns:
@@ -84,10 +91,12 @@ def evaluate(
         * ``"mia_loss"``: :func:`~unlearn_ext.eval.loss_mia` with the same roles;
         * ``"agreement_with_original_forget"``: fraction of forget samples whose argmax equals the
           original model's argmax;
-        * ``"avg_gap"``: :func:`average_gap` of this result to the retrained model's.
+        * ``"avg_gap"``: :func:`average_gap` of this result to the retrained model's;
+        * with ``deep``, the keys of :data:`~unlearn_ext.eval.DEEP_KEYS` that apply.
 
     Raises:
-        ValueError: on an unknown split name, a missing ``"forget"`` split, or empty / malformed batches.
+        ValueError: on an unknown split name, a missing ``"forget"`` split, or empty / malformed batches;
+            ``deep`` without ``original`` or a ``"retain"`` split.
     """
     if not isinstance(splits, Mapping):
         raise ValueError(f"splits must be a dict of split name -> batches, got {type(splits).__name__}")
@@ -96,6 +105,10 @@ def evaluate(
         raise ValueError(f"unknown split name(s) {unknown}; recognised names are {list(SPLIT_NAMES)}")
     if "forget" not in splits:
         raise ValueError(f"splits must contain 'forget' (got {sorted(splits)})")
+    if deep and (original is None or "retain" not in splits):
+        raise ValueError("deep=True needs the original model (original=) and a 'retain' split")
+    if deep_options is not None and not deep:
+        raise ValueError("deep_options given without deep=True")
 
     batches = dict(splits)
     if original is not None:
@@ -135,4 +148,9 @@ def evaluate(
                 f"retrained must be an nn.Module or a dict of its evaluate() metrics, got {type(retrained).__name__}"
             )
         result["avg_gap"] = average_gap(result, reference)
+
+    if deep:
+        options = {"retrained": retrained if isinstance(retrained, nn.Module) else None, "seed": seed}
+        options.update(deep_options or {})
+        result.update(deep_forgetting_metrics(model, original, batches, **options))
     return result
