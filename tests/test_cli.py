@@ -21,6 +21,7 @@ pytest.importorskip("safetensors")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_class_test_acc", "mia", "seconds")
+DEEP_ROW_KEYS = ("fm_recovered_forget_acc", "fm_recovered_test_acc", "ft_recovered_forget_acc", "cka_original_forget")
 RUN_MNEMONIC = ["run", "--method", "mnemonic", "--dataset", "digits", "--forget-class", "3", "--no-progress"]
 
 
@@ -151,6 +152,23 @@ def test_demo_runs_the_chosen_methods(first_run, cache, tmp_path):
         assert "error" not in rows[name]
         assert rows[name]["forget_class_test_acc"] < rows["original"]["forget_class_test_acc"]
     assert (out / "accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
+    # deep-forgetting metrics on every row (the default), and their plot
+    for name, row in rows.items():
+        assert set(DEEP_ROW_KEYS) <= set(row), name
+        assert all(0.0 <= row[k] <= 1.0 + 1e-9 for k in DEEP_ROW_KEYS), name
+    assert "cka_retrain_forget" in rows["mnemonic"] and "cka_retrain_forget" not in rows["retrain"]
+    assert rows["original"]["cka_original_forget"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["retrain"]["ft_recovered_forget_acc"] < 0.5  # it never saw class 3
+    assert (out / "deep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_no_deep_skips_the_deep_metrics(first_run, cache, tmp_path):
+    out = tmp_path / "nodeep"
+    assert main([*RUN_MNEMONIC, "--no-deep", "--out", str(out)]) == 0
+    rows = _report(out)["methods"]
+    for row in rows.values():
+        assert not set(DEEP_ROW_KEYS) & set(row)
+    assert not (out / "deep.png").exists()
 
 
 def test_forget_fraction_run_of_finetune(first_run, cache, tmp_path):

@@ -14,8 +14,11 @@ from torch import nn
 
 from unlearn_ext.data import TensorBatches, load_dataset, make_forget_split
 from unlearn_ext.eval import (
+    DEEP_KEYS,
     CKAAccumulator,
     accuracy,
+    deep_forgetting_metrics,
+    evaluate,
     feature_mapping_attack,
     finetune_recovery_attack,
     fit_affine_map,
@@ -27,6 +30,7 @@ from unlearn_ext.eval import (
     penultimate_features,
     psnr,
     ssim,
+    take_samples,
     total_variation,
 )
 from unlearn_ext.models import TrainConfig, train_classifier
@@ -722,3 +726,147 @@ def test_empty_and_malformed_batches_raise(mlp, split):
         linear_cka(mlp, mlp, [(x[:20], y[:10])])
     with pytest.raises(ValueError, match="class indices in"):
         feature_mapping_attack(mlp, mlp, forget, [(x, y + 10)])
+
+
+# --------------------------------------------------------------------------------------------
+# deep_forgetting_metrics / evaluate(deep=True): the one-call summary
+# --------------------------------------------------------------------------------------------
+
+
+def deep_splits(split, limit: int = 600) -> dict[str, TensorBatches]:
+    names = ("forget", "retain", "test", "forget_class_test")
+    return {name: batches(split, name, batch_size=128, limit=limit) for name in names}
+
+
+def test_deep_metrics_equal_the_single_attacks(mlp, split):
+    unlearned = Remixed(mlp, torch.randn(HIDDEN, HIDDEN) + 3 * torch.eye(HIDDEN))
+    retrained = copy.deepcopy(mlp)
+    with torch.no_grad():
+        retrained.net[1].weight.add_(0.05 * torch.randn_like(retrained.net[1].weight))
+    splits = deep_splits(split)
+    subset = take_samples(splits["retain"], 128, seed=3)
+    out = deep_forgetting_metrics(
+        unlearned, mlp, splits, retrained=retrained, finetune_batches=subset, finetune_steps=4, seed=3
+    )
+    assert set(out) == set(DEEP_KEYS) - {"inversion_psnr", "inversion_ssim"}
+    for name in ("forget", "forget_class_test", "test"):
+        fm = feature_mapping_attack(unlearned, mlp, splits["retain"], splits[name])
+        assert out[f"fm_recovered_{name}_acc"] == fm["recovered_acc"]
+        assert out["fm_fit_r2"] == fm["fit_r2"]
+    ft = finetune_recovery_attack(unlearned, subset, splits["forget"], steps=4, seed=3)
+    assert out["ft_recovered_forget_acc"] == ft["recovered_acc"]
+    assert out["cka_original_forget"] == linear_cka(unlearned, mlp, splits["forget"])
+    assert out["cka_retrain_forget"] == linear_cka(unlearned, retrained, splits["forget"])
+    assert out["cka_retrain_forget"] != out["cka_original_forget"]
+    fit_set = list(splits["forget"]) + list(splits["retain"])  # forget first, then retain, 2000 samples
+    expected_probe = linear_probe_accuracy(
+        unlearned, [(x, y) for x, y in _head(fit_set, 2000)], splits["forget_class_test"], max_iter=300, seed=3
+    )
+    assert out["probe_forget_class_test_acc"] == expected_probe
+    # head-only "unlearning": every attack brings the forget class back
+    assert out["fm_recovered_forget_acc"] > 0.8 and out["probe_forget_class_test_acc"] > 0.8
+
+
+def _head(batch_list, n):
+    have = 0
+    for x, y in batch_list:
+        if have >= n:
+            return
+        yield x[: n - have], y[: n - have]
+        have += min(len(y), n - have)
+
+
+def test_deep_metrics_of_the_original_itself(mlp, split):
+    splits = deep_splits(split)
+    out = deep_forgetting_metrics(mlp, mlp, splits, finetune_steps=0, probe=False)
+    assert set(out) == {"fm_recovered_forget_acc", "fm_recovered_forget_class_test_acc", "fm_recovered_test_acc",
+                        "fm_fit_r2", "cka_original_forget"}  # fmt: skip
+    assert out["fm_recovered_forget_acc"] == pytest.approx(accuracy(mlp, splits["forget"]), abs=1 / 400)
+    assert out["fm_recovered_test_acc"] == pytest.approx(accuracy(mlp, splits["test"]), abs=2 / 600)
+    assert out["cka_original_forget"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_deep_metrics_collapsed_forget_features_are_recovered_as_a_constant(mlp, split):
+    """A model whose features are 0 for every input: the attack answers one class for everyone, so
+    forget 'recovery' equals that class's share, and the whole-test-set accuracy exposes it."""
+    collapsed = copy.deepcopy(mlp)
+    with torch.no_grad():
+        collapsed.net[1].weight.zero_()
+        collapsed.net[1].bias.fill_(-1.0)
+    splits = deep_splits(split)
+    out = deep_forgetting_metrics(collapsed, mlp, splits, finetune_steps=0, probe=False)
+    assert out["cka_original_forget"] == 0.0
+    assert out["fm_recovered_test_acc"] < 0.2  # one class of ten (stratified test split)
+
+
+def test_deep_metrics_inversion_and_purity(mlp, split):
+    splits = deep_splits(split, limit=256)
+    model = copy.deepcopy(mlp)
+    before, before_original = snapshot(model), snapshot(mlp)
+    out = deep_forgetting_metrics(model, mlp, splits, finetune_steps=2, inversion_samples=2, inversion_steps=3)
+    assert math.isfinite(out["inversion_psnr"]) and -1.0 <= out["inversion_ssim"] <= 1.0
+    x, y = split.tensors()["forget"]
+    expected = [gradient_inversion(mlp, x[i : i + 1], y[i : i + 1], steps=3, data_range=(float(x[:256].min()),
+                float(x[:256].max())), seed=i)["psnr"] for i in range(2)]  # fmt: skip
+    assert out["inversion_psnr"] == pytest.approx(float(sum(expected)) / 2, rel=1e-5)
+    assert_unchanged(model, before)
+    assert_unchanged(mlp, before_original)
+
+
+def test_deep_metrics_without_optional_splits_and_bad_input(mlp, split):
+    splits = deep_splits(split)
+    only = {"forget": splits["forget"], "retain": splits["retain"]}
+    out = deep_forgetting_metrics(mlp, mlp, only, finetune_steps=1)
+    assert set(out) == {"fm_recovered_forget_acc", "fm_fit_r2", "ft_recovered_forget_acc", "cka_original_forget"}
+    for missing in ("forget", "retain"):
+        with pytest.raises(ValueError, match=f"needs a '{missing}' split"):
+            deep_forgetting_metrics(mlp, mlp, {k: v for k, v in only.items() if k != missing})
+    with pytest.raises(ValueError, match="fit_batches is empty"):
+        deep_forgetting_metrics(mlp, mlp, {"forget": splits["forget"], "retain": []})
+
+
+def test_take_samples(split):
+    x, y = split.tensors()["retain"]
+    source = TensorBatches(x, y, batch_size=100, shuffle=True, seed=5)
+    subset = take_samples(source, 150, batch_size=64, seed=1)
+    assert subset.num_samples == 150 and len(subset) == 3
+    # the first 150 samples of the source's first pass (its seeded permutation), in a new order per pass
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(5))[:150]
+    expected = sorted(zip(y[order].tolist(), x[order].flatten(1).sum(1).tolist(), strict=True))
+    for _ in range(2):
+        xs, ys = zip(*subset, strict=True)
+        got = sorted(zip(torch.cat(ys).tolist(), torch.cat(xs).flatten(1).sum(1).tolist(), strict=True))
+        assert got == expected
+    pass_one, pass_two = (torch.cat([b[1] for b in subset]) for _ in range(2))
+    assert not torch.equal(pass_one, pass_two)  # reshuffled (150 labels: a repeat is vanishingly unlikely)
+    assert take_samples(source, 10**6).num_samples == x.shape[0]  # fewer samples than asked: all of them
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            take_samples(source, bad)
+    with pytest.raises(ValueError, match="empty"):
+        take_samples([], 5)
+
+
+def test_evaluate_deep(mlp, split):
+    splits = deep_splits(split)
+    retrained = copy.deepcopy(mlp)
+    plain = evaluate(mlp, splits, original=mlp)
+    assert not set(plain) & set(DEEP_KEYS)
+    deep = evaluate(mlp, splits, original=mlp, retrained=retrained, deep=True, deep_options={"finetune_steps": 1})
+    assert {"fm_recovered_forget_acc", "ft_recovered_forget_acc", "cka_retrain_forget"} <= set(deep)
+    assert {k: deep[k] for k in plain} == plain
+    # a metrics dict as `retrained`: CKA to the retrained model only when the model comes in deep_options
+    metrics = evaluate(retrained, splits)
+    no_model = evaluate(mlp, splits, original=mlp, retrained=metrics, deep=True, deep_options={"finetune_steps": 0})
+    assert "cka_retrain_forget" not in no_model
+    with_model = evaluate(
+        mlp, splits, original=mlp, retrained=metrics, deep=True,
+        deep_options={"finetune_steps": 0, "retrained": retrained},
+    )  # fmt: skip
+    assert with_model["cka_retrain_forget"] == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="needs the original model"):
+        evaluate(mlp, splits, deep=True)
+    with pytest.raises(ValueError, match="needs the original model"):
+        evaluate(mlp, {"forget": splits["forget"]}, original=mlp, deep=True)
+    with pytest.raises(ValueError, match="deep_options given without deep"):
+        evaluate(mlp, splits, original=mlp, deep_options={"probe": False})

@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "unlearn_ext/ce_norm.h"
+#include "unlearn_ext/cuda_online_lse.cuh"
 
 namespace unlearn_ext {
 namespace {
@@ -37,17 +38,6 @@ struct RowState {
   acc_t zt;    // the target's logit (retained row)
   acc_t ss;    // sum of z^2 (forgotten row)
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
-
-// e^(a - m) where m is the (finite or -inf) maximum the sum is kept relative to; 0 when a = -inf.
-template <typename acc_t>
-__device__ __forceinline__ acc_t rel_exp(acc_t a, acc_t m) {
-  return a == neg_inf<acc_t>() ? acc_t(0) : exp(a - m);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ void combine(RowState<acc_t>& a, const RowState<acc_t>& b) {

@@ -24,6 +24,7 @@
 #include <limits>
 #include <tuple>
 
+#include "unlearn_ext/cuda_online_lse.cuh"
 #include "unlearn_ext/masked_kl.h"
 
 namespace unlearn_ext {
@@ -39,17 +40,6 @@ struct RowState {
   acc_t mc, sc;          // cross-entropy: running max of z, sum of e^(z - mc)
   acc_t zt;              // the target's logit
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
-
-// e^(a - m) where m is the (finite or -inf) maximum the sum is kept relative to; 0 when a = -inf.
-template <typename acc_t>
-__device__ __forceinline__ acc_t rel_exp(acc_t a, acc_t m) {
-  return a == neg_inf<acc_t>() ? acc_t(0) : exp(a - m);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ void combine(RowState<acc_t>& a, const RowState<acc_t>& b) {

@@ -11,12 +11,13 @@
 
 namespace unlearn_ext {
 
-// Bytes of logits per chunk of tokens (per model).
+// Bytes of logits per chunk of tokens (per model), unless the op passes a smaller budget.
 constexpr int64_t kHeadChunkBytes = 32 << 20;
 
-// Tokens per chunk: about kHeadChunkBytes of logits, or the value of the environment variable
+// Tokens per chunk: about `budget_bytes` of logits, or the value of the environment variable
 // `env_name` (tests use it to run many chunks on small shapes).
-inline int64_t head_tokens_per_chunk(int64_t V, size_t elem_size, const char* env_name) {
+inline int64_t head_tokens_per_chunk(int64_t V, size_t elem_size, const char* env_name,
+                                     int64_t budget_bytes = kHeadChunkBytes) {
   const char* env = std::getenv(env_name);
   if (env != nullptr && env[0] != '\0') {
     char* end = nullptr;
@@ -25,7 +26,7 @@ inline int64_t head_tokens_per_chunk(int64_t V, size_t elem_size, const char* en
                       "'");
     return rows;
   }
-  return std::max<int64_t>(1, kHeadChunkBytes / (V * static_cast<int64_t>(elem_size)));
+  return std::max<int64_t>(1, budget_bytes / (V * static_cast<int64_t>(elem_size)));
 }
 
 // `t` is a 1-D tensor of `n` entries on `device`.
