@@ -314,6 +314,11 @@ def test_mnemonic_forgetting_every_class_raises(digits_mlp, digits):
         get_method("mnemonic", classes=tuple(range(10))).unlearn(digits_mlp, everything)
     with pytest.raises(ValueError, match="outside"):
         get_method("mnemonic", classes=(10,)).unlearn(digits_mlp, everything)
+    # a random-sample forget set covers every class: the error says what to do instead
+    random_split = make_forget_split(digits, fraction=0.1, seed=0)
+    sample_set = random_split.batches()["forget"]
+    with pytest.raises(ValueError, match="random-sample forget set does: pass classes=, or use a sample-level"):
+        get_method("mnemonic").unlearn(digits_mlp, sample_set)
 
 
 # --------------------------------------------------------------------------------------------

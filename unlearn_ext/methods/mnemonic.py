@@ -92,7 +92,11 @@ class Mnemonic(Unlearner):
         if any(not 0 <= c < num_classes for c in classes):
             raise ValueError(f"mnemonic: classes {classes} outside the codes' classes 0..{num_classes - 1}")
         if len(classes) == num_classes:
-            raise ValueError("mnemonic: forgetting every class leaves no retained class to compare against")
+            raise ValueError(
+                f"mnemonic: forgetting every class leaves no retained class to compare against (mnemonic "
+                f"unlearns whole classes; this forget set's labels cover all {num_classes}, as a random-sample "
+                "forget set does: pass classes=, or use a sample-level method such as opc or scrub)"
+            )
         forget_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
         forget_mask[classes] = True
 
