@@ -25,7 +25,8 @@ _REGISTRY: dict[str, type[Unlearner]] = {}
 
 #: Methods specified in DESIGN.md 5 whose issue has not landed yet.
 PLANNED = {
-    "muso": "MUSO (issue 6: optimal relabelling)",
+    "muso": "MUSO for deep networks (issue 6: alternating relabel / unlearn on the last layer); its exact "
+    "linear case is implemented in unlearn_ext.methods.muso_linear (muso_linear, optimal_forget_labels)",
 }
 #: Methods of another setting: forgetting a visual concept from a (multimodal) LLM, not classes or
 #: samples from a classifier.

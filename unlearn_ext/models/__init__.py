@@ -4,6 +4,7 @@ real SmolLM2-135M loaded offline."""
 from unlearn_ext.models.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from unlearn_ext.models.heads import features_and_logits, final_linear
 from unlearn_ext.models.mnemonic_codes import CODES_BUFFER, attach_codes, get_codes, make_codes
+from unlearn_ext.models.random_features import RandomFourierFeatures
 from unlearn_ext.models.smollm2 import load_smollm2, smollm2_gguf_path
 from unlearn_ext.models.training import DEFAULT_TRAIN_CONFIGS, TrainConfig, fit, train_classifier
 from unlearn_ext.models.vision import ARCHITECTURES, MLP, SmallCNN, build_model, reset_parameters
@@ -13,6 +14,7 @@ __all__ = [
     "CODES_BUFFER",
     "DEFAULT_TRAIN_CONFIGS",
     "MLP",
+    "RandomFourierFeatures",
     "SmallCNN",
     "TrainConfig",
     "atomic_write_bytes",
