@@ -103,7 +103,10 @@ EFFECTIVE = {
 # forget-class test accuracy here: finetune 0.35, neggrad 0.81, neggrad_plus 0.81, scrub 0.95;
 # over 10 seed/class pairs up to 0.35 / 0.81 / 0.81 / 0.95). Only checked to run, change the
 # model and not make the forget class *better* than the original did.
-WEAK = {"finetune", "neggrad", "neggrad_plus", "scrub"}
+# muso (the issue's full-retain-Gram projector): 0.95 here; with 1291 retain samples and 257 feature
+# dimensions the projector is within 3% of the identity, so the relabelling keeps the true class for
+# 92-94% of the forget samples (see unlearn_ext.methods.muso, "projector_effect" in its log).
+WEAK = {"finetune", "neggrad", "neggrad_plus", "scrub", "muso"}
 
 
 @pytest.mark.parametrize("name", available_methods())
@@ -416,13 +419,13 @@ def test_concept_setting_methods_point_to_unlearn_concept(name):
         get_method(name)
 
 
-@pytest.mark.parametrize("name", ["opc", "muso"])
-def test_get_method_planned_names_are_not_implemented(name):
-    if name in available_methods():
-        pytest.skip(f"{name} has been implemented since")
-    assert name in PLANNED
-    with pytest.raises(NotImplementedError, match=name):
-        get_method(name)
+def test_get_method_planned_names_are_not_implemented(monkeypatch):
+    assert {"opc", "muso"} <= set(available_methods()) and not {"opc", "muso"} & set(PLANNED)
+    import unlearn_ext.methods._base as base
+
+    monkeypatch.setitem(base.PLANNED, "future_method", "a method of a later issue")
+    with pytest.raises(NotImplementedError, match="future_method.*not implemented yet: a method of a later issue"):
+        get_method("future_method")
 
 
 def test_get_method_unknown_hyperparameter_is_named():

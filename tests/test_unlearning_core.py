@@ -122,8 +122,6 @@ def test_bad_input(setup):
         unlearn(model, "mnemonic", forget=[(torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))])
     with pytest.raises(ValueError, match="unknown unlearning method"):
         get_method("forget_everything")
-    with pytest.raises(NotImplementedError, match="muso"):
-        get_method("muso")
     with pytest.raises(ValueError, match="max_steps"):
         get_method("ssd", max_steps=3)
 

@@ -67,7 +67,7 @@ def _trained(
         "seed": spec.seed,
         "forget": split.describe() if kind == "retrain" else None,
         "torch": torch.__version__.split("+")[0],
-        "format": 1,
+        "format": 2,  # 2: models carry their initial head (MUSO's w0)
     }
     path = cache_path(kind, key)
     if spec.use_cache and not spec.fresh and path.is_file():

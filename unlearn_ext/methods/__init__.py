@@ -14,6 +14,7 @@ from unlearn_ext.methods.bad_teacher import BadTeacher
 from unlearn_ext.methods.finetune import Finetune
 from unlearn_ext.methods.fisher_forgetting import FisherForgetting
 from unlearn_ext.methods.mnemonic import Mnemonic, class_fisher_from_codes, mnemonic_delta
+from unlearn_ext.methods.muso import MUSO
 from unlearn_ext.methods.neggrad import NegGrad, NegGradPlus
 from unlearn_ext.methods.opc import OPC
 from unlearn_ext.methods.random_label import RandomLabel
@@ -28,6 +29,7 @@ __all__ = [
     "BadTeacher",
     "Finetune",
     "FisherForgetting",
+    "MUSO",
     "Mnemonic",
     "OPC",
     "NegGrad",

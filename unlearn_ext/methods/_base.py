@@ -24,10 +24,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 _REGISTRY: dict[str, type[Unlearner]] = {}
 
 #: Methods specified in DESIGN.md 5 whose issue has not landed yet.
-PLANNED = {
-    "muso": "MUSO for deep networks (issue 6: alternating relabel / unlearn on the last layer); its exact "
-    "linear case is implemented in unlearn_ext.methods.muso_linear (muso_linear, optimal_forget_labels)",
-}
+PLANNED: dict[str, str] = {}
 #: Methods of another setting: forgetting a visual concept from a (multimodal) LLM, not classes or
 #: samples from a classifier.
 CONCEPT_SETTING = {
@@ -50,6 +47,7 @@ _ORDER = (
     "retrain",
     "mnemonic",
     "opc",
+    "muso",
     "finetune",
     "neggrad",
     "neggrad_plus",

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn_ext.models.initial_head import INITIAL_HEAD_BUFFER, attach_initial_head
 from unlearn_ext.models.mnemonic_codes import CODES_BUFFER, attach_codes
 from unlearn_ext.models.vision import build_model
 
@@ -92,11 +93,17 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt or foreign unlearn_ext config {record['config']!r}: {e}") from e
     codes = tensors.pop(CODES_BUFFER, None)
+    initial_head = tensors.pop(INITIAL_HEAD_BUFFER, None)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: tensors do not match the recorded {arch} config: {e}") from e
-    if codes is not None:
-        attach_codes(model, codes)
+    try:
+        if codes is not None:
+            attach_codes(model, codes)
+        if initial_head is not None:
+            attach_initial_head(model, initial_head)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     model.train_config = record.get("train_config")
     return model.to(device).eval(), record

@@ -160,9 +160,11 @@ def train_classifier(
     description: str | None = None,
     **model_config,
 ) -> nn.Module:
-    """Build an ``arch`` classifier (seeded init), attach mnemonic codes (seeded) when ``with_codes``,
-    and train it on ``x`` ``[N, *input_shape]`` / ``y`` ``[N]``. Returns the model in eval mode."""
+    """Build an ``arch`` classifier (seeded init), record its head's initialisation (the
+    ``initial_head`` buffer, for MUSO), attach mnemonic codes (seeded) when ``with_codes``, and train
+    it on ``x`` ``[N, *input_shape]`` / ``y`` ``[N]``. Returns the model in eval mode."""
     from unlearn_ext.data.batches import TensorBatches
+    from unlearn_ext.models.initial_head import attach_initial_head
     from unlearn_ext.models.mnemonic_codes import attach_codes, make_codes
     from unlearn_ext.models.vision import build_model
 
@@ -171,6 +173,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(arch, input_shape, num_classes, **model_config)
+    attach_initial_head(model)  # w0 of the head, for MUSO (models/initial_head.py)
     codes = None
     if with_codes:
         codes = make_codes(num_classes, input_shape, seed=seed + 1)

@@ -1,0 +1,183 @@
+"""MUSO for deep networks (METHODS.md 3.2): the streamed-Gram projector, the relabelling, and the method.
+
+The relabelling is checked against MUSO's exact linear closed form (unlearn_ext.methods.muso_linear)
+on a network whose features are fixed random Fourier features with more dimensions than retain
+samples: there the deep algorithm's first relabelling must be the linear theory's retrained-head
+prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from unlearn_ext.data import TensorBatches, make_forget_split
+from unlearn_ext.eval import penultimate_features
+from unlearn_ext.methods import get_method
+from unlearn_ext.methods.muso import epsilon_ramp, forget_scores, relabel_matrix, retain_gram, retain_projector
+from unlearn_ext.methods.muso_linear import fit_interpolating_head, optimal_forget_labels
+from unlearn_ext.models import (
+    INITIAL_HEAD_BUFFER,
+    RandomFourierFeatures,
+    TrainConfig,
+    attach_initial_head,
+    get_initial_head,
+    head_matrix,
+    load_checkpoint,
+    save_checkpoint,
+    train_classifier,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+    return make_forget_split(digits, classes=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+    return train_classifier(
+        "mlp", digits.x_train, digits.y_train, num_classes=10, config=TrainConfig(epochs=5), with_codes=False
+    )
+
+
+def test_projector_from_the_gram_equals_the_textbook_form():
+    """I - eps (Z^T Z + eps I)^-1 == Z^T (Z Z^T + eps I)^-1 Z, for N < d + 1 and N > d + 1."""
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((30, 50), (200, 50)):
+        z = torch.randn(n, d, generator=g, dtype=torch.float64)
+        for eps in (1e-6, 1e-2, 3.0):
+            textbook = z.T @ torch.linalg.solve(z @ z.T + eps * torch.eye(n, dtype=torch.float64), z)
+            torch.testing.assert_close(retain_projector(z.T @ z, eps), textbook, rtol=1e-7, atol=1e-8)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        retain_projector(torch.eye(3, dtype=torch.float64), 0.0)
+    with pytest.raises(ValueError, match="finite square"):
+        retain_projector(torch.ones(2, 3, dtype=torch.float64), 1e-3)
+    with pytest.raises(ValueError, match="not positive definite"):
+        retain_projector(-torch.eye(3, dtype=torch.float64), 1e-3)
+
+
+def test_epsilon_ramp():
+    assert epsilon_ramp(0, 5, 1e-6, 1e-2) == 1e-6
+    assert epsilon_ramp(4, 5, 1e-6, 1e-2) == pytest.approx(1e-2)
+    assert epsilon_ramp(2, 5, 1e-6, 1e-2) == pytest.approx((1e-6 + 1e-2) / 2)
+    assert epsilon_ramp(0, 1, 1e-6, 1e-2) == 1e-6
+    values = [epsilon_ramp(e, 7, 1e-6, 1e-2) for e in range(7)]
+    assert values == sorted(values)
+
+
+def test_retain_gram_streams_every_sample(mlp, split):
+    retain = split.batches(batch_size=100)["retain"]
+    gram, n = retain_gram(mlp, retain)
+    x, _ = split.tensors()["retain"]
+    feats, _ = penultimate_features(mlp, [(x, torch.zeros(len(x), dtype=torch.long))])
+    z = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    assert n == len(x)
+    torch.testing.assert_close(gram, z.T @ z, rtol=1e-9, atol=1e-9)  # summation order only
+    with pytest.raises(ValueError, match="retain set is empty"):
+        retain_gram(mlp, [])
+
+
+class FixedFeatureNet(nn.Module):
+    """Random Fourier features (fixed) followed by a trainable linear head: MUSO's linear setting."""
+
+    def __init__(self, rff: RandomFourierFeatures, classes: int) -> None:
+        super().__init__()
+        self.rff = rff
+        self.head = nn.Linear(rff.out_features, classes, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.rff(x))
+
+
+def test_first_relabel_is_the_linear_closed_form(digits):
+    """Fixed features, p = 2 * 400 + 1 > N_r: the deep relabelling equals the retrained linear head's outputs."""
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    net = FixedFeatureNet(RandomFourierFeatures(64, 400, 6.0, seed=1), 10)
+    w0 = head_matrix(net.head).double().T.clone()  # [d + 1, C]
+    # "train" the head: interpolate one-vs-rest targets from w0 (features with the bias column appended)
+    phi = torch.cat([net.rff(x), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    targets = torch.where(torch.nn.functional.one_hot(y, 10) > 0, 1.0, -1.0).double()
+    w_p = fit_interpolating_head(phi, targets, w0).weight
+    forget = y == 3
+    eps = 1e-7  # the same ridge on both sides: Z^T (Z Z^T + eps I)^-1 Z == I - eps (Z^T Z + eps I)^-1
+    gram = phi[~forget].T @ phi[~forget]
+    original_logits = phi[forget] @ w_p
+    scores = forget_scores(net.rff(x[forget]), relabel_matrix(gram, w_p, w0, eps), original_logits)
+    # the linear theory: labels = retrained head's outputs, with the original's retain outputs as y_r
+    expected = optimal_forget_labels(phi[forget], phi[~forget], phi[~forget] @ w_p, w0, eps=eps)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)  # p x p vs N x N solves at cond ~1e7
+    assert torch.equal(scores.argmax(1), expected.argmax(1))
+    assert bool((scores.argmax(1) != 3).float().mean() > 0.5)  # the retrained head mostly says "not 3"
+
+
+def test_initial_head_is_recorded_and_kept_in_checkpoints(digits, tmp_path):
+    model = train_classifier(
+        "mlp", digits.x_train[:200], digits.y_train[:200], num_classes=10, config=TrainConfig(epochs=2)
+    )
+    w0 = get_initial_head(model)
+    layer = model.net[-1]
+    assert w0.shape == (10, layer.in_features + 1)
+    assert not torch.allclose(w0[:, :-1], layer.weight.detach())  # trained away from its initialisation
+    torch.manual_seed(0)
+    from unlearn_ext.models import build_model
+
+    fresh = build_model("mlp", tuple(digits.x_train.shape[1:]), 10)
+    torch.testing.assert_close(w0, head_matrix(fresh.net[-1]))  # the seeded initialisation
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded, _ = load_checkpoint(tmp_path / "m.safetensors")
+    torch.testing.assert_close(get_initial_head(loaded), w0)
+    assert INITIAL_HEAD_BUFFER in loaded.state_dict()
+    with pytest.raises(ValueError, match=r"shape \[10, "):
+        attach_initial_head(copy.deepcopy(model), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        attach_initial_head(copy.deepcopy(model), torch.full_like(w0, math.nan))
+
+
+def test_muso_runs_and_leaves_the_input_untouched(mlp, split):
+    b = split.batches(batch_size=128)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    method = get_method("muso", epochs=2, lr=1e-3)
+    out = method.unlearn(mlp, b["forget"], b["retain"])
+    assert all(torch.equal(v, mlp.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, out.state_dict()[k]) for k, v in before.items())
+    assert [e["epoch"] for e in method.log] == [0, 1]
+    assert method.log[0]["eps"] == 1e-6 and method.log[1]["eps"] == pytest.approx(1e-2)
+    assert method.log[0]["retain_samples_in_gram"] == split.retain_idx.numel()
+    for entry in method.log:
+        assert 0.0 <= entry["forget_relabel_keeps_true"] <= 1.0 and math.isfinite(entry["loss"])
+        assert entry["projector_effect"] >= 0.0
+
+
+def test_muso_bad_input(mlp, split):
+    b = split.batches(batch_size=128)
+    bare = copy.deepcopy(mlp)
+    del bare._buffers[INITIAL_HEAD_BUFFER]
+    with pytest.raises(ValueError, match="needs the head's initialisation w0"):
+        get_method("muso").unlearn(bare, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match=r"w0 must have shape \[10, 1001\].*Linear\(1000, 10\)"):
+        get_method("muso", w0=torch.zeros(10, 513)).unlearn(mlp, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        get_method("muso", w0=torch.full((10, 1001), math.inf)).unlearn(mlp, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match="needs the retain set"):
+        get_method("muso").unlearn(mlp, b["forget"])
+    for hp, message in (
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"schedule": "step"}, "schedule"),
+        ({"eps0": 0.0}, "eps0"),
+        ({"eps_final": math.nan}, "eps_final"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            get_method("muso", **hp).unlearn(mlp, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match="the forget set is empty"):
+        get_method("muso").unlearn(
+            mlp, TensorBatches(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), b["retain"]
+        )

@@ -1,0 +1,233 @@
+"""MUSO for deep networks (METHODS.md 3.2): alternate an optimal relabelling of the forget set,
+computed on the last layer as a linear model over the current features, with one epoch of training.
+
+Per epoch ``e`` (``eps_e`` on a cosine ramp from ``eps0`` to ``eps_final``):
+
+1. Stream *all* retain samples through the current network (eval mode) and accumulate the Gram
+   ``G = Z^T Z`` of their features with a 1 appended (``[d + 1, d + 1]``, float64). The projector onto
+   the retain features' row space is ``Pi = Z^T (Z Z^T + eps I)^-1 Z = I - eps (G + eps I)^-1``
+   (one Cholesky of ``G + eps I``: no subsampling and no ``N x N`` inverse, unlike the released code,
+   whose current version also mis-scales it by ``1 / eps``; METHODS.md 3.2).
+2. ``R = Pi (w_p - w0) + w0 + w_p``, with ``w_p`` the original head and ``w0`` its initialisation
+   (``[d + 1, C]``).
+3. One epoch over the retain and forget batches in a random order; each forget batch is relabelled
+   with ``argmax(z~_net(x_f) R - m_orig(x_f))`` (no gradient; ``m_orig(x_f)`` are the original model's
+   logits, cached once): the linear-case label ``z~_net (w0 + Pi (w_p - w0))`` plus the feature-drift
+   correction ``(z~_net - z~_orig) w_p``. Cross-entropy on every batch, one optimiser step each.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unlearn_ext._progress import progress_bar
+from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, register
+from unlearn_ext.models.heads import features_and_logits, final_linear
+from unlearn_ext.models.initial_head import get_initial_head, head_matrix
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+def epsilon_ramp(epoch: int, epochs: int, eps0: float, eps_final: float) -> float:
+    """``eps0 + (eps_final - eps0) (1 - cos(pi e / (E - 1))) / 2`` (``eps0`` for a single epoch)."""
+    if epochs <= 1:
+        return eps0
+    return eps0 + (eps_final - eps0) * (1.0 - math.cos(math.pi * epoch / (epochs - 1))) / 2.0
+
+
+def retain_gram(model: nn.Module, retain: Batches) -> tuple[torch.Tensor, int]:
+    """``(Z^T Z, N)``: the float64 ``[d + 1, d + 1]`` Gram of the model's penultimate features with a 1
+    appended, over every retain sample (one streaming pass, eval mode, no gradient), and the count."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    gram, n = None, 0
+    try:
+        with torch.no_grad():
+            for x, _ in retain:
+                if x.shape[0] == 0:
+                    continue
+                feats, _ = features_and_logits(model, x.to(device))
+                z = torch.cat([feats.double(), feats.new_ones(feats.shape[0], 1, dtype=torch.float64)], dim=1)
+                g = z.T @ z
+                gram = g if gram is None else gram + g
+                n += z.shape[0]
+    finally:
+        model.train(was_training)
+    if gram is None:
+        raise ValueError("muso: the retain set is empty")
+    return gram, n
+
+
+def retain_projector(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """``I - eps (G + eps I)^-1`` (= ``Z^T (Z Z^T + eps I)^-1 Z``) by a Cholesky factorisation.
+
+    Raises:
+        ValueError: ``eps`` not positive and finite, a non-square or non-finite ``gram``, or ``G + eps I``
+            not positive definite (``eps = 0`` with rank-deficient features).
+    """
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"muso: eps must be a positive finite ridge, got {eps!r}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"muso: the Gram matrix must be a finite square matrix, got shape {tuple(gram.shape)}")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + eps * eye)
+    if int(info) != 0:
+        raise ValueError(f"muso: G + eps I is not positive definite at eps={eps!r}: raise eps0")
+    return eye - eps * torch.cholesky_solve(eye, chol)
+
+
+def relabel_matrix(gram: torch.Tensor, w_p: torch.Tensor, w0: torch.Tensor, eps: float) -> torch.Tensor:
+    """``R = Pi (w_p - w0) + w0 + w_p`` (``[d + 1, C]``) with ``Pi = retain_projector(gram, eps)``;
+    ``w_p``, ``w0``: the original head and its initialisation as ``[d + 1, C]`` (weight rows, then bias)."""
+    projector = retain_projector(gram, eps)
+    return projector @ (w_p - w0) + w0 + w_p
+
+
+def forget_scores(features: torch.Tensor, relabel: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
+    """MUSO's relabelling scores ``z~(x_f) R - m_orig(x_f)`` ``[B, C]`` (float64) from the current
+    features ``[B, d]``; the hard labels are their argmax."""
+    z = torch.cat([features.double(), torch.ones_like(features[:, :1], dtype=torch.float64)], dim=1)
+    return z @ relabel - original_logits.double()
+
+
+@register
+@dataclass(kw_only=True)
+class MUSO(Unlearner):
+    """MUSO (Yang et al.): alternating optimal relabelling of the forget set and fine-tuning.
+
+    Needs the head's initialisation ``w0``: the model's ``initial_head`` buffer (recorded by
+    :func:`unlearn_ext.models.train_classifier` and kept in checkpoints) or the ``w0`` argument
+    (``[C, d + 1]``: weight, bias as the last column). The model's last layer must be an ``nn.Linear``.
+
+    Hyperparameters: epochs, lr, optimizer ("adamw", "adam", "sgd"), schedule ("cosine", "constant"),
+    weight_decay, eps0 and eps_final (the ridge's cosine ramp; METHODS.md 3.2: 1e-6 to 1e-2), w0.
+    Defaults are the released code's full-class setting (5 epochs, AdamW, lr 2.8e-4, cosine); its
+    random-subset setting is ``epochs=2, optimizer="adam", lr=3e-5, schedule="constant"``.
+
+    ``log`` per epoch: ``eps``; ``retain_samples_in_gram``; ``projector_effect`` =
+    ``||(I - Pi)(w_p - w0)|| / ||w_p - w0||`` (0 when the retain features span the whole feature space,
+    as they do once there are more retain samples than feature dimensions: the relabelling is then the
+    original model's own prediction plus the drift correction); ``loss``; ``forget_relabel_keeps_true``
+    (fraction of forget samples relabelled with their true class).
+    """
+
+    name = "muso"
+
+    epochs: int = 5
+    lr: float = 2.8e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    eps0: float = 1e-6
+    eps_final: float = 1e-2
+    w0: torch.Tensor | None = None
+
+    def _check(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"muso: epochs must be a positive int, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"muso: lr must be positive, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"muso: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"muso: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("eps0", "eps_final"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"muso: {name} must be a positive finite number, got {v!r}")
+
+    def _initial_head(self, model: nn.Module, head: nn.Linear) -> torch.Tensor:
+        w0 = self.w0 if self.w0 is not None else get_initial_head(model)
+        if w0 is None:
+            raise ValueError(
+                "muso needs the head's initialisation w0: train the model with unlearn_ext.models.train_classifier "
+                "(it records the 'initial_head' buffer) or pass w0=[C, d + 1] (initial weight, bias as last column)"
+            )
+        expected = (head.out_features, head.in_features + 1)
+        if not isinstance(w0, torch.Tensor) or tuple(w0.shape) != expected:
+            got = tuple(w0.shape) if isinstance(w0, torch.Tensor) else type(w0).__name__
+            raise ValueError(
+                f"muso: w0 must have shape {list(expected)} (classes x (feature dimension + 1)) to match the "
+                f"model's final nn.Linear({head.in_features}, {head.out_features}), got {got}"
+            )
+        if not bool(torch.isfinite(w0).all()):
+            raise ValueError("muso: w0 contains NaN or inf")
+        return w0.detach().double().to(head.weight.device)
+
+    def _optimizer(self, model: nn.Module, steps: int):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        elif self.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if self.schedule == "cosine" else None
+        return opt, sched
+
+    def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
+        self._check()
+        head = final_linear(model)
+        w0 = self._initial_head(model, head).T  # [d + 1, C]
+        w_p = head_matrix(head).double().T  # [d + 1, C]
+        device = model_device(model)
+        original = copy.deepcopy(model).eval()
+        forget_batches = [(x, y) for x, y in forget if y.shape[0]]
+        with torch.no_grad():  # the original model's forget logits = z~_orig(x_f) w_p, cached once
+            original_logits = [original(x.to(device)).double() for x, _ in forget_batches]
+        del original
+
+        n_steps = self.epochs * (len(forget_batches) + sum(1 for _ in retain))
+        opt, sched = self._optimizer(model, n_steps)
+        generator = torch.Generator().manual_seed(self.seed)
+        with progress_bar(self.epochs, "muso", self.progress) as advance:
+            for epoch in range(self.epochs):
+                eps = epsilon_ramp(epoch, self.epochs, self.eps0, self.eps_final)
+                gram, n_retain = retain_gram(model, retain)
+                relabel = relabel_matrix(gram, w_p, w0, eps)
+                indexed = list(enumerate(forget_batches))
+                stats = {"loss": 0.0, "steps": 0, "kept_true": 0, "n_forget": 0}
+                model.train()
+                for source, batch in interleave(("retain", retain), ("forget", indexed), generator=generator):
+                    if source == "forget":
+                        index, (x, y_true) = batch
+                        x = x.to(device)
+                        model.eval()
+                        with torch.no_grad():
+                            feats, _ = features_and_logits(model, x)
+                            y = forget_scores(feats, relabel, original_logits[index]).argmax(1)
+                        model.train()
+                        stats["kept_true"] += int((y.cpu() == y_true.cpu()).sum())
+                        stats["n_forget"] += int(y.shape[0])
+                    else:
+                        x, y = batch
+                        if y.shape[0] == 0:
+                            continue
+                        x, y = x.to(device), y.to(device)
+                    loss = F.cross_entropy(model(x), y.long())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    stats["loss"] += float(loss.detach())
+                    stats["steps"] += 1
+                entry = {
+                    "epoch": epoch,
+                    "eps": eps,
+                    "retain_samples_in_gram": n_retain,
+                    "projector_effect": float(torch.linalg.matrix_norm(relabel - 2 * w_p))
+                    / max(float(torch.linalg.matrix_norm(w_p - w0)), 1e-300),
+                    "loss": stats["loss"] / max(stats["steps"], 1),
+                    "forget_relabel_keeps_true": stats["kept_true"] / max(stats["n_forget"], 1),
+                }
+                self.log.append(entry)
+                advance(1, f"eps {eps:.2g} relabel=true {entry['forget_relabel_keeps_true']:.2f}")
