@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-_SKIP_FLAGS = {"seed", "inplace", "progress", "classes", "codes"}
+_SKIP_FLAGS = {"seed", "inplace", "progress", "classes", "codes", "w0"}  # tensors: Python API only
 
 
 def _flag_type(field: dataclasses.Field):
