@@ -672,6 +672,18 @@ def print_table(
     _console().print(table)
 
 
+def mean_and_std(rows: Iterable[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """``{key: mean, key + "_std": population std}`` over the rows that have ``key`` (not None)."""
+    rows = list(rows)
+    out: dict[str, float] = {}
+    for key in keys:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values:
+            out[key] = statistics.fmean(values)
+            out[key + "_std"] = statistics.pstdev(values)
+    return out
+
+
 def write_json(name: str, payload: Mapping[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``payload`` to ``benchmarks/results/<name>.json`` atomically; returns the path."""
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR

@@ -12,7 +12,6 @@ Checks issue 3's mnemonic targets. Writes ``benchmarks/results/<out>.json``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for name in names:
         rows = [r["methods"][name] for r in runs if "error" not in r["methods"][name]]
-        entry = {"runs": len(rows), "failed_runs": len(runs) - len(rows)}
-        for k in METRICS:
-            vals = [row[k] for row in rows if row.get(k) is not None]
-            if vals:
-                entry[k] = statistics.fmean(vals)
-                entry[k + "_std"] = statistics.pstdev(vals)
-        summary[name] = entry
+        summary[name] = {
+            "runs": len(rows),
+            "failed_runs": len(runs) - len(rows),
+            **_harness.mean_and_std(rows, METRICS),
+        }
 
     retrain_s = summary["retrain"]["seconds"]
     for name, entry in summary.items():

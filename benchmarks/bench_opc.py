@@ -15,7 +15,6 @@ Means and standard deviations over seeds (and classes); checks issue 5's OPC tar
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
 from unlearn_ext._progress import progress_session  # noqa: E402
+from unlearn_ext.eval import DEEP_KEYS  # noqa: E402
 from unlearn_ext.experiment import ExperimentSpec, run_experiment  # noqa: E402
 
 BASELINES = ("finetune", "neggrad", "random_label", "scrub", "salun", "mnemonic")
@@ -37,15 +37,7 @@ METRICS = (
     "retain_class_test_acc",
     "mia",
     "avg_gap",
-    "fm_recovered_forget_acc",
-    "fm_recovered_forget_class_test_acc",
-    "fm_recovered_test_acc",
-    "ft_recovered_forget_acc",
-    "cka_original_forget",
-    "cka_retrain_forget",
-    "probe_forget_class_test_acc",
-    "inversion_psnr",
-    "inversion_ssim",
+    *DEEP_KEYS,
     "seconds",
 )
 COLUMNS = (  # (metric, header, scale)
@@ -69,13 +61,7 @@ def _summarise(runs: list[dict]) -> dict:
     for name in names:
         rows = [r["methods"][name] for r in runs if name in r["methods"]]
         ok = [row for row in rows if "error" not in row]
-        entry: dict = {"runs": len(ok), "failed_runs": len(rows) - len(ok)}
-        for k in METRICS:
-            vals = [row[k] for row in ok if row.get(k) is not None]
-            if vals:
-                entry[k] = statistics.fmean(vals)
-                entry[k + "_std"] = statistics.pstdev(vals)
-        summary[name] = entry
+        summary[name] = {"runs": len(ok), "failed_runs": len(rows) - len(ok), **_harness.mean_and_std(ok, METRICS)}
     return summary
 
 
