@@ -18,7 +18,7 @@ import unlearn_ext
 from unlearn_ext._cache import cache_path
 from unlearn_ext._progress import progress_bar
 from unlearn_ext.data import ForgetSplit, load_dataset, make_forget_split
-from unlearn_ext.eval import evaluate, take_samples
+from unlearn_ext.eval import deep_forgetting_metrics, evaluate, take_samples
 from unlearn_ext.methods import available_methods, get_method
 from unlearn_ext.models import DEFAULT_TRAIN_CONFIGS, TrainConfig, load_checkpoint, save_checkpoint, train_classifier
 
@@ -126,10 +126,8 @@ def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
     rows: dict[str, dict] = {}
     retrained_metrics = evaluate(retrained, eval_splits, seed=spec.seed)
     deep_retrain = {}
-    if options is not None:
-        deep_retrain = evaluate(
-            retrained, eval_splits, original=original, mia=False, seed=spec.seed, **deep_for(retrained)
-        )
+    if options is not None:  # its accuracies and MIA are in retrained_metrics already
+        deep_retrain = deep_forgetting_metrics(retrained, original, eval_splits, seed=spec.seed, **options)
     rows["original"] = {
         **evaluate(
             original, eval_splits, original=original, retrained=retrained_metrics, seed=spec.seed, **deep_for(original)

@@ -165,6 +165,17 @@ def test_many_chunks_and_gathered_rows(monkeypatch, backend, chunk_rows):
     _compare(_inputs(n, 24, v), backend, rtol=RTOL[torch.float32], squared=False, reduction="none")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(300, 64, 4096), (150, 256, 8192)], ids=["1MiB-floor", "quarter-weight"])
+def test_cpp_default_cpu_chunking(monkeypatch, dtype, shape):
+    """Without UNLEARN_EXT_CE_CHUNK_ROWS the CPU chunk is |W| / 4 bytes of logits, at least 1 MiB: here
+    32-128 rows, so several chunks with a partial last one (N is not a multiple of the chunk)."""
+    monkeypatch.delenv("UNLEARN_EXT_CE_CHUNK_ROWS", raising=False)
+    n, h, v = shape
+    _compare(_inputs(n, h, v, dtype), "cpp", rtol=RTOL[dtype], norm_weight=0.6)
+    _compare(_inputs(n, h, v, dtype), "cpp", rtol=RTOL[dtype], squared=False, reduction="none")
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_large_logits_are_stable(backend):
     d = _inputs(33, 16, 301, torch.float32, scale=40.0)  # logits ~100: exp overflows without the shift

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_ext._progress import progress_bar
-from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, register
+from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, register, steps_per_epoch
 from unlearn_ext.models.heads import features_and_logits, final_linear
 from unlearn_ext.models.initial_head import get_initial_head, head_matrix
 
@@ -185,7 +185,10 @@ class MUSO(Unlearner):
             original_logits = [original(x.to(device)).double() for x, _ in forget_batches]
         del original
 
-        n_steps = self.epochs * (len(forget_batches) + sum(1 for _ in retain))
+        retain_steps = steps_per_epoch(retain)
+        if retain_steps is None:  # a re-iterable without len(): count its batches once
+            retain_steps = sum(1 for _ in retain)
+        n_steps = self.epochs * (len(forget_batches) + retain_steps)
         opt, sched = self._optimizer(model, n_steps)
         generator = torch.Generator().manual_seed(self.seed)
         with progress_bar(self.epochs, "muso", self.progress) as advance:
