@@ -133,10 +133,9 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
   at::Tensor gh_a = grad ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
 
   // On the CPU the weight gradient and one logits chunk are the whole working set: the chunk is kept
-  // at most a quarter of the weight's size, so the peak stays near 1.25 |W| + |grad_hidden|. Measured
-  // at N=2048 H=576 V=49152 fp32, 2 cores (bench_ce_norm): 170-row chunks (32 MiB) 0.122-0.126 of
-  // plain PyTorch's peak and 1.44-1.46x its speed; 144 rows (|W|/4) 0.122 and 1.42x; 85 rows 0.108
-  // and 1.23x (each chunk re-reads and re-writes all of grad_weight in its K = rows GEMM).
+  // at most a quarter of the weight's size, so the peak stays near 1.25 |W| + |grad_hidden|. Smaller
+  // chunks cost speed (each re-reads and re-writes all of grad_weight in its K = rows GEMM): see the
+  // chunk sweep in benchmarks/results/ce_norm_cpu_chunk*.json and the README.
   const int64_t elem = static_cast<int64_t>(p.hidden.element_size());
   const int64_t budget = p.hidden.is_cpu() ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
                                            : kHeadChunkBytes;
