@@ -1,7 +1,8 @@
-"""The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method), ``mmu`` (SIU and its
+"""The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method), ``apply`` (deletion requests on
+a deployed checkpoint: checkpoint in, verified checkpoint out, audit record), ``mmu`` (SIU and its
 baselines on the MiniMMU multimodal model) and ``info``.
 
-``apply`` (checkpoint in, verified checkpoint out) arrives with the production issue.
+Exit codes: 0 done (or nothing to do), 2 bad input or an error, 3 ``apply`` rejected by a gate.
 """
 
 from __future__ import annotations
@@ -106,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     mmu.add_argument("--out", type=Path, default=Path("unlearn-mmu"), help="output folder (default unlearn-mmu)")
     mmu.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    apply = sub.add_parser(
+        "apply",
+        help="apply deletion requests to a safetensors checkpoint: gated, atomic, audited",
+        description="Apply deletion requests (JSON) to a checkpoint; publish the unlearned checkpoint only if every "
+        "acceptance gate passes (exit 3 otherwise); record everything in an append-only audit log.",
+    )
+    apply.add_argument("--checkpoint", type=Path, required=True, help="input .safetensors (only read)")
+    apply.add_argument("--request", type=Path, nargs="+", required=True, metavar="JSON",
+                       help="request file(s), each one request or a list; all are merged into one run")  # fmt: skip
+    apply.add_argument("--out", type=Path, required=True, help="output .safetensors (never the input)")
+    apply.add_argument("--audit", type=Path, help="audit log (default: unlearn-audit.jsonl beside --out)")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    apply.add_argument("--device", default="cpu", help="device to unlearn on (default cpu)")
+    apply.add_argument("--json", action="store_true", help="print the result as JSON")
+    apply.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     info = sub.add_parser("info", help="versions, build and the backends usable on each device")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
@@ -152,6 +169,50 @@ def _mmu(args) -> int:
     return 0
 
 
+def _apply(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from unlearn_ext._progress import progress_session
+    from unlearn_ext.production import LockedError, apply_requests
+
+    try:
+        with progress_session(not args.no_progress):
+            result = apply_requests(
+                args.checkpoint, args.request, args.out, audit=args.audit, overwrite=args.overwrite,
+                device=args.device, progress=not args.no_progress,
+            )  # fmt: skip
+    except (ValueError, FileNotFoundError, NotImplementedError, LockedError, OSError) as e:
+        print(f"unlearn apply: error: {e}", file=sys.stderr)
+        return 2
+    console = Console()
+    if args.json:
+        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}, default=str))
+    ids = ", ".join(result.request_ids)
+    if result.status == "noop":
+        state = result.earlier["output_state"]
+        console.print(
+            f"requests {ids}: already applied in run {result.earlier['run_id']} -> {result.output} "
+            f"(sha256 {result.output_sha256[:12]}..., file {state}); nothing to do"
+        )
+        return 0
+    for name, g in result.gates.items():
+        console.print(
+            f"{'PASS' if g['pass'] else 'FAIL'}  {name}: {g['metric']} = {g['value']:.4f} (limit {g['limit']:.4f})"
+        )
+    if not result.gates:
+        console.print("no acceptance gates in the requests: the result is published unchecked")
+    before, after = result.metrics_before, result.metrics_after
+    console.print("  ".join(f"{k} {100 * before[k]:.1f} -> {100 * after[k]:.1f}%" for k in after if k in before))
+    if result.status == "rejected":
+        print(f"unlearn apply: rejected: gate(s) {', '.join(result.failed_gates)} failed; nothing was published "
+              f"(audit: {result.audit})", file=sys.stderr)  # fmt: skip
+        return 3
+    console.print(f"published {result.output} (sha256 {result.output_sha256[:12]}...) for {ids}; audit: {result.audit}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -162,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "mmu":
         return _mmu(args)
+    if args.command == "apply":
+        return _apply(args)
 
     from unlearn_ext.experiment import ExperimentSpec
     from unlearn_ext.methods import method_class

@@ -2,6 +2,14 @@
 
 from unlearn_ext.data.batches import TensorBatches
 from unlearn_ext.data.datasets import DATASETS, Dataset, load_dataset
-from unlearn_ext.data.splits import ForgetSplit, make_forget_split
+from unlearn_ext.data.splits import ForgetSplit, forget_split_from_ids, make_forget_split
 
-__all__ = ["DATASETS", "Dataset", "ForgetSplit", "TensorBatches", "load_dataset", "make_forget_split"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "ForgetSplit",
+    "TensorBatches",
+    "forget_split_from_ids",
+    "load_dataset",
+    "make_forget_split",
+]

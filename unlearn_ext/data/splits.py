@@ -22,6 +22,9 @@ class ForgetSplit:
         classes: the forgotten classes (class forgetting), else ``None``.
         fraction: the forgotten fraction (random-sample forgetting), else ``None``.
         seed: seed of the random-sample choice.
+
+    With neither ``classes`` nor ``fraction`` the forget set is a list of sample ids
+    (:func:`forget_split_from_ids`, a deletion request); its kind is ``"samples"``.
     """
 
     dataset: Dataset
@@ -33,7 +36,9 @@ class ForgetSplit:
 
     @property
     def kind(self) -> str:
-        return "class" if self.classes is not None else "random"
+        if self.classes is not None:
+            return "class"
+        return "random" if self.fraction is not None else "samples"
 
     def tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The evaluation splits as ``(x, y)``: ``forget``, ``retain``, ``test`` and, for class
@@ -146,3 +151,34 @@ def _as_class_id(value: object) -> int | None:
 
 def _is_0d(value: object) -> bool:
     return getattr(value, "ndim", None) == 0
+
+
+def forget_split_from_ids(dataset: Dataset, sample_ids: Iterable[int], *, seed: int = 0) -> ForgetSplit:
+    """Forget the training samples ``sample_ids`` (indices into ``dataset.x_train``; duplicates merged).
+
+    Raises:
+        ValueError: an id that is not an integer or is outside ``[0, len(x_train))`` (the first few are
+            named), an empty list, or every training sample (nothing would be retained).
+    """
+    if isinstance(sample_ids, (str, bytes)) or not isinstance(sample_ids, Iterable):
+        raise ValueError(f"sample_ids must be a sequence of integer sample ids, got {sample_ids!r}")
+    n = int(dataset.y_train.numel())
+    ids, bad = [], []
+    for v in sample_ids:
+        i = _as_class_id(v)
+        if i is None or not 0 <= i < n:
+            bad.append(v)
+        else:
+            ids.append(i)
+    if bad:
+        raise ValueError(
+            f"sample ids {bad[:5]!r}{' ...' if len(bad) > 5 else ''} ({len(bad)} bad) are not training samples of "
+            f"{dataset.name!r}: ids must be integers in [0, {n})"
+        )
+    if not ids:
+        raise ValueError("sample_ids is empty: the forget set would be empty")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.tensor(ids, dtype=torch.long)] = True
+    if bool(mask.all()):
+        raise ValueError(f"sample_ids cover all {n} training samples of {dataset.name!r}; nothing is retained")
+    return ForgetSplit(dataset, mask.nonzero().flatten(), (~mask).nonzero().flatten(), None, None, seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,8 +25,30 @@ _META_KEY = "unlearn_ext"
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+def fsync_directory(path: str | os.PathLike) -> None:
+    """``fsync`` a directory so a rename or a new file inside it survives a power loss (POSIX; a no-op
+    where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes, *, before_replace: Callable[[Path], None] | None = None
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, ``fsync``, ``os.replace``
+    and an ``fsync`` of the folder: readers see the old file or the new one, never a partial one.
+
+    ``before_replace(temp_path)`` runs after the temporary file is complete and synced, just before
+    the rename (the crash tests stop the process there).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,28 +57,51 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_directory(path.parent)
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-    """Save a model built by :func:`build_model` (it has ``.config``) to ``path`` (``.safetensors``)."""
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): the checksum a
+    checkpoint records so that silent corruption of its data (a flipped byte) is detected on load."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_bytes(model: nn.Module, *, metadata: dict | None = None) -> bytes:
+    """The safetensors bytes :func:`save_checkpoint` writes for ``model`` (built by :func:`build_model`)."""
     from safetensors.torch import save
 
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "arch" not in config:
         raise ValueError("save_checkpoint needs a model built by unlearn_ext.models.build_model (it has .config)")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     record = {
         "format": FORMAT_VERSION,
         "config": config,
         "train_config": getattr(model, "train_config", None),
         "metadata": metadata or {},
+        "tensors_sha256": tensors_digest(tensors),
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata={_META_KEY: json.dumps(record)}))
+    return save(tensors, metadata={_META_KEY: json.dumps(record)})
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Save a model built by :func:`build_model` (it has ``.config``) to ``path`` (``.safetensors``), atomically."""
+    atomic_write_bytes(path, checkpoint_bytes(model, metadata=metadata))
     return Path(path)
 
 
@@ -67,15 +113,39 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         ValueError: not a readable safetensors file, not an unlearn_ext checkpoint, or its tensors do
             not match its config (a corrupt or foreign checkpoint).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    return load_checkpoint_bytes(path.read_bytes(), source=str(path), device=device)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length, JSON header)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes is shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} runs past the end of the {len(data)}-byte file")
+    header = json.loads(data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the safetensors __metadata__ is not a JSON object")
+    return meta
+
+
+def load_checkpoint_bytes(
+    data: bytes, *, source: str = "<bytes>", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """:func:`load_checkpoint` from the file's bytes (so they can be hashed and loaded from one read);
+    ``source`` names the file in errors."""
+    from safetensors.torch import load
+
+    path = source
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = _safetensors_metadata(data)
+        tensors = load(data)
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {e}") from e
     if _META_KEY not in meta:
@@ -92,6 +162,12 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         model = build_model(arch, input_shape, num_classes, **config)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt or foreign unlearn_ext config {record['config']!r}: {e}") from e
+    recorded = record.get("tensors_sha256") if isinstance(record, dict) else None
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise ValueError(f"{path}: the tensor data does not match the checksum recorded when it was saved (corrupt)")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: tensors {bad[:5]} contain NaN or inf (a corrupt or diverged checkpoint)")
     codes = tensors.pop(CODES_BUFFER, None)
     initial_head = tensors.pop(INITIAL_HEAD_BUFFER, None)
     try:

@@ -1,0 +1,312 @@
+"""`unlearn apply`: deletion requests on checkpoints — gates, atomic publication, audit, idempotency,
+lock, and SIGKILL at every step leaving the input, earlier outputs and the audit log intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearn_ext.cli import main as cli_main
+from unlearn_ext.data import load_dataset
+from unlearn_ext.models import TrainConfig, load_checkpoint, save_checkpoint, train_classifier
+from unlearn_ext.production import (
+    AuditError,
+    LockedError,
+    OutputLock,
+    RequestError,
+    apply_requests,
+    load_requests,
+    merge_requests,
+    parse_request,
+    read_audit,
+    sha256_file,
+)
+from unlearn_ext.production.apply import CRASH_ENV, CRASH_POINTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    ds = load_dataset("digits", seed=0)
+    model = train_classifier(
+        "mlp", ds.x_train, ds.y_train, num_classes=10, config=TrainConfig(epochs=15, lr=0.05), hidden=64
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_checkpoint(model, path, metadata={"dataset": {"name": "digits", "seed": 0}})
+    return path
+
+
+def request(rid: str = "r1", **overrides) -> dict:
+    base = {
+        "request_id": rid,
+        "forget": {"classes": [3]},
+        "method": "neggrad",
+        "hparams": {"epochs": 3, "lr": 0.1},
+        "gates": {"max_forget_acc": 0.3, "max_retain_drop": 0.2},
+    }
+    base.update(overrides)
+    return base
+
+
+def write(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_apply_publishes_a_verified_checkpoint_and_audits_it(checkpoint, tmp_path):
+    before = sha256_file(checkpoint)
+    req = write(tmp_path / "req.json", request())
+    out = tmp_path / "out" / "model.safetensors"
+    result = apply_requests(checkpoint, [req], out)
+    assert result.status == "published", result.gates
+    assert sha256_file(checkpoint) == before  # the input is only read
+    assert sha256_file(out) == result.output_sha256
+    model, record = load_checkpoint(out)
+    history = record["metadata"]["unlearn_history"]
+    assert history[-1]["request_ids"] == ["r1"] and history[-1]["input_sha256"] == before
+    assert result.metrics_after["forget_acc"] <= 0.3 < result.metrics_before["forget_acc"]
+    events = read_audit(out.parent / "unlearn-audit.jsonl")
+    assert [e["event"] for e in events] == ["intent", "published"]
+    intent = events[0]
+    assert intent["input"]["sha256"] == before and intent["output"]["sha256"] == result.output_sha256
+    assert intent["method"] == "neggrad" and intent["hparams"] == {"epochs": 3, "lr": 0.1}
+    assert set(intent["metrics_before"]) >= {"forget_acc", "retain_acc", "test_acc", "forget_class_test_acc", "mia"}
+    assert intent["gates"]["max_forget_acc"]["pass"] and "versions" in intent and "durations_s" in intent
+    # The published model is the one evaluated: its forget accuracy matches the audit's.
+    ds = load_dataset("digits", seed=0)
+    keep = ds.y_train == 3
+    with torch.no_grad():
+        acc = (model(ds.x_train[keep]).argmax(1) == 3).float().mean().item()
+    assert acc == pytest.approx(result.metrics_after["forget_acc"], abs=1e-6)
+
+
+def test_rerun_of_a_published_request_is_a_noop_reporting_the_earlier_result(checkpoint, tmp_path):
+    req = write(tmp_path / "req.json", request())
+    out = tmp_path / "model.safetensors"
+    first = apply_requests(checkpoint, [req], out)
+    mtime = out.stat().st_mtime_ns
+    again = apply_requests(checkpoint, [req], out)
+    assert again.status == "noop" and again.earlier["run_id"] == first.run_id
+    assert again.output_sha256 == first.output_sha256 and again.earlier["output_state"] == "in place"
+    assert out.stat().st_mtime_ns == mtime
+    assert [e["event"] for e in read_audit(tmp_path / "unlearn-audit.jsonl")] == ["intent", "published", "noop"]
+    # Same id, other content: refused.
+    changed = write(tmp_path / "changed.json", request(hparams={"epochs": 1, "lr": 0.1}))
+    with pytest.raises(RequestError, match="already applied .* different content"):
+        apply_requests(checkpoint, [changed], out, overwrite=True)
+    # One done, one new: refused (the input lacks the earlier deletion).
+    both = write(tmp_path / "both.json", [request(), request("r2", forget={"classes": [5]})])
+    with pytest.raises(RequestError, match=r"\['r1'\] were already applied"):
+        apply_requests(checkpoint, [both], tmp_path / "other.safetensors")
+
+
+def test_failed_gate_publishes_nothing_and_exits_3(checkpoint, tmp_path, capsys):
+    req = write(tmp_path / "req.json", request(gates={"max_forget_acc": 0.0, "max_retain_drop": 0.0}))
+    out = tmp_path / "model.safetensors"
+    args = ["apply", "--checkpoint", str(checkpoint), "--request", str(req), "--out", str(out), "--no-progress"]
+    code = cli_main(args)
+    assert code == 3
+    assert "rejected" in capsys.readouterr().err
+    assert not out.exists()
+    events = read_audit(tmp_path / "unlearn-audit.jsonl")
+    assert [e["event"] for e in events] == ["rejected"]
+    assert set(events[0]["failed_gates"]) <= {"max_forget_acc", "max_retain_drop"} and events[0]["failed_gates"]
+    # A rejected request may be re-filed (e.g. with other hyperparameters): it was never published.
+    ok = write(tmp_path / "ok.json", request())
+    assert apply_requests(checkpoint, [ok], out).status == "published"
+
+
+def test_merged_requests_forget_the_union_with_the_strictest_gates(checkpoint, tmp_path):
+    reqs = [
+        parse_request(request("a", forget={"sample_ids": [0, 5, 9]}, gates={"max_retain_drop": 0.2})),
+        parse_request(request("b", forget={"sample_ids": [9, 11]}, gates={"max_retain_drop": 0.1})),
+    ]
+    merged = merge_requests(reqs)
+    assert merged.sample_ids == (0, 5, 9, 11) and merged.gates == {"max_retain_drop": 0.1}
+    result = apply_requests(checkpoint, reqs, tmp_path / "m.safetensors")
+    intent = read_audit(tmp_path / "unlearn-audit.jsonl")[0]
+    assert intent["forget"]["num_forget"] == 4 and intent["forget"]["sample_ids"] == [0, 5, 9, 11]
+    assert result.request_ids == ["a", "b"]
+    with pytest.raises(RequestError, match="different methods"):
+        other = request("c", forget={"sample_ids": [1]}, method="finetune", hparams={})
+        merge_requests([reqs[0], parse_request(other)])
+    with pytest.raises(RequestError, match="kinds of forget set"):
+        merge_requests([reqs[0], parse_request(request("d"))])
+
+
+def test_apply_errors_are_clear_and_write_nothing(checkpoint, tmp_path):
+    out = tmp_path / "o.safetensors"
+    cases = [
+        (request(forget={"classes": [12]}), RequestError, r"unknown class\(es\) \[12\]"),
+        (request(forget={"sample_ids": [10**6]}), RequestError, "are not training samples"),
+        (request(dataset={"name": "mnist"}), RequestError, "trained on 'digits'"),
+        (request(model={"arch": "cnn"}), RequestError, "expects model arch='cnn'"),
+        (request(model={"hidden": 999}), RequestError, "hidden=999"),
+        (request(forget={"concept": "cat", "image": "cat.png"}), NotImplementedError, "multimodal checkpoint"),
+    ]
+    for i, (obj, exc, pattern) in enumerate(cases):
+        with pytest.raises(exc, match=pattern):
+            apply_requests(checkpoint, [write(tmp_path / f"r{i}.json", obj)], out)
+        assert not out.exists()
+    with pytest.raises(RequestError, match="is the input checkpoint"):
+        apply_requests(checkpoint, [write(tmp_path / "x.json", request())], checkpoint)
+    out.write_bytes(b"earlier")
+    with pytest.raises(RequestError, match="exists: pass overwrite"):
+        apply_requests(checkpoint, [write(tmp_path / "y.json", request())], out)
+    assert out.read_bytes() == b"earlier"
+    # Every failure after the lock is audited as "failed" with its stage.
+    failed = [e for e in read_audit(tmp_path / "unlearn-audit.jsonl") if e["event"] == "failed"]
+    assert failed and all(e["stage"] == "load" for e in failed)
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(checkpoint, tmp_path):
+    data = checkpoint.read_bytes()
+    req = write(tmp_path / "req.json", request())
+    for name, blob, pattern in [
+        ("truncated", data[: len(data) // 2], "corrupt or truncated"),
+        ("garbage", b"\x00" * 64, "corrupt or truncated"),
+        ("flipped", data[:-40] + bytes(b ^ 0xFF for b in data[-40:]), "checksum recorded"),
+    ]:
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match=pattern):
+            apply_requests(bad, [req], tmp_path / f"{name}-out.safetensors")
+        assert not (tmp_path / f"{name}-out.safetensors").exists()
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ValueError, match="not an unlearn_ext checkpoint"):
+        apply_requests(foreign, [req], tmp_path / "f-out.safetensors")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        apply_requests(tmp_path / "missing.safetensors", [req], tmp_path / "m-out.safetensors")
+
+
+def test_request_validation_names_the_problem(tmp_path):
+    bad = [
+        ({"forget": {"classes": [1]}, "method": "neggrad"}, "request_id must be"),
+        (request(rid="has space"), "request_id must be"),
+        (request(colour="red"), r"unknown key\(s\) \['colour'\]"),
+        ({"request_id": "x", "method": "neggrad"}, "missing required key 'forget'"),
+        (request(forget={"classes": []}), "forget.classes is empty"),
+        (request(forget={"classes": ["3"]}), "must be an integer"),
+        (request(forget={"classes": [True]}), "must be an integer"),
+        (request(forget={"classes": [1], "sample_ids": [2]}), "exactly one of"),
+        (request(forget={"sample_ids": [-1]}), "non-negative"),
+        (request(forget={"concept": "cat"}), "needs forget.image"),
+        (request(method="forget_everything"), "unknown unlearning method"),
+        (request(method="siu"), "visual concept"),
+        (request(hparams={"epoch": 2}), r"no hyperparameter\(s\) \['epoch'\]"),
+        (request(hparams={"lr": float("nan")}), "not finite"),
+        (request(gates={"max_forget_acc": 5}), r"number in \[0, 1\]"),
+        (request(gates={"max_forget": 0.1}), r"unknown gate\(s\)"),
+        (request(gates={"max_forget_acc": "low"}), r"number in \[0, 1\]"),
+        (request(forget={"sample_ids": [1]}, gates={"max_forget_class_test_acc": 0.1}), "needs a class request"),
+        (request(dataset={"name": "cifar"}), "unknown dataset 'cifar'"),
+        (request(seed="0"), "seed must be an integer"),
+        ([], "must be a JSON object"),
+    ]
+    for obj, pattern in bad:
+        with pytest.raises(RequestError, match=pattern):
+            parse_request(obj)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RequestError, match="not valid JSON"):
+        load_requests([tmp_path / "bad.json"])
+    write(tmp_path / "dup.json", [request("same"), request("same")])
+    with pytest.raises(RequestError, match="appears twice"):
+        load_requests([tmp_path / "dup.json"])
+    with pytest.raises(FileNotFoundError, match="no request file"):
+        load_requests([tmp_path / "nope.json"])
+
+
+def test_lock_stops_a_second_apply(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    with OutputLock(out):
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+            apply_requests(checkpoint, [write(tmp_path / "r.json", request())], out)
+    assert not out.exists()
+    # A lock held by a process that then dies is released by the kernel.
+    script = f"from unlearn_ext.production import OutputLock; import os, signal; OutputLock({str(out)!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"  # noqa: E501
+    subprocess.run([sys.executable, "-c", script], check=False)
+    with OutputLock(out):
+        pass
+
+
+def test_damaged_audit_log_is_refused_and_a_torn_last_line_is_skipped(checkpoint, tmp_path):
+    audit = tmp_path / "unlearn-audit.jsonl"
+    audit.write_text('{"event": "noop", "run_id": "x"}\n{"event": "intent", "run')  # torn last line
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        assert len(read_audit(audit)) == 1
+    with pytest.warns(UserWarning):
+        apply_requests(checkpoint, [write(tmp_path / "r.json", request())], tmp_path / "m.safetensors")
+    lines = audit.read_text().splitlines()
+    assert lines[1] == '{"event": "intent", "run'  # old bytes untouched, new records on fresh lines
+    assert [json.loads(x)["event"] for x in lines[2:]] == ["intent", "published"]
+    audit.write_text('{"event": "noop"}\ngarbage\n{"event": "noop"}\n')
+    with pytest.raises(AuditError, match="line 2"):
+        apply_requests(checkpoint, [write(tmp_path / "r2.json", request("r2"))], tmp_path / "m2.safetensors")
+
+
+def _run_cli(args: list[str], crash_at: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "unlearn_ext.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("crash_at", CRASH_POINTS)
+def test_sigkill_at_each_step_leaves_everything_intact(checkpoint, tmp_path, crash_at):
+    """Kill apply at each step while it replaces an earlier output: the input, the earlier output (or
+    the complete new one) and the audit log stay intact; a rerun recovers and finishes the request."""
+    out = tmp_path / "model.safetensors"
+    r0 = write(tmp_path / "r0.json", request("r0", forget={"sample_ids": [1, 2]}, gates={}))
+    first = apply_requests(checkpoint, [r0], out)
+    assert first.status == "published"
+    input_sha, earlier_sha = sha256_file(checkpoint), first.output_sha256
+    req = write(tmp_path / "r1.json", request())
+    args = [
+        "apply",
+        "--checkpoint",
+        str(checkpoint),
+        "--request",
+        str(req),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--no-progress",
+    ]  # noqa: E501
+    proc = _run_cli(args, crash_at)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sha256_file(checkpoint) == input_sha
+    records = read_audit(tmp_path / "unlearn-audit.jsonl")  # parseable
+    intents = [r for r in records if r["event"] == "intent" and r["request_ids"] == ["r1"]]
+    now = sha256_file(out)
+    if crash_at in ("replaced", "published"):
+        assert now == intents[0]["output"]["sha256"]  # the new checkpoint, complete
+    else:
+        assert now == earlier_sha  # the earlier output, untouched
+    load_checkpoint(out)
+    assert not list(tmp_path.glob("*.tmp")) or crash_at == "temp_written"
+    # A rerun recovers: closes the open intent, removes leftovers, and ends with r1 published once.
+    proc = _run_cli(args, None)
+    assert proc.returncode == 0, proc.stderr
+    records = read_audit(tmp_path / "unlearn-audit.jsonl")
+    published = [r for r in records if r["event"] == "published" and r["request_ids"] == ["r1"]]
+    assert len(published) == 1
+    assert (crash_at in ("replaced",)) == bool(published[0].get("recovered"))
+    if crash_at == "published":
+        assert records[-1]["event"] == "noop"
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert sha256_file(out) == published[0]["output"]["sha256"]
+    assert sha256_file(checkpoint) == input_sha
