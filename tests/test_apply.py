@@ -162,9 +162,17 @@ def test_apply_errors_are_clear_and_write_nothing(checkpoint, tmp_path):
     with pytest.raises(RequestError, match="exists: pass overwrite"):
         apply_requests(checkpoint, [write(tmp_path / "y.json", request())], out)
     assert out.read_bytes() == b"earlier"
-    # Every failure after the lock is audited as "failed" with its stage.
-    failed = [e for e in read_audit(tmp_path / "unlearn-audit.jsonl") if e["event"] == "failed"]
-    assert failed and all(e["stage"] == "load" for e in failed)
+    # Bad input is found before anything is written: no audit record, no lock file.
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".json")) == ["o.safetensors"]
+
+
+def test_a_failure_while_unlearning_is_audited(checkpoint, tmp_path):
+    diverge = write(tmp_path / "r.json", request(method="finetune", hparams={"epochs": 1, "lr": 1e30}))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        apply_requests(checkpoint, [diverge], tmp_path / "o.safetensors")
+    (failed,) = read_audit(tmp_path / "unlearn-audit.jsonl")
+    assert failed["event"] == "failed" and failed["stage"] == "unlearn" and "diverged" in failed["error"]
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_corrupt_truncated_and_foreign_checkpoints(checkpoint, tmp_path):

@@ -646,6 +646,7 @@ def diagonal_fisher(
     fallback_chunk_size: int | None = 8,
     return_counts: bool = False,
     progress: bool = False,
+    _allow_empty: bool = False,
 ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Diagonal Fisher of ``model``'s parameters: the sum over units of squared per-unit gradients.
 
@@ -668,6 +669,8 @@ def diagonal_fisher(
         fallback_chunk_size: ``vmap`` chunk size of the ``torch.func`` path for tied/unsupported parameters.
         return_counts: also return the number of units per group (``[K]`` int64) to turn sums into means.
         progress: show a progress bar over batches.
+        _allow_empty: private (:func:`unlearn_ext.distributed.distributed_diagonal_fisher`): no samples
+            give zero sums and counts instead of the ValueError, for a rank whose data shard is empty.
 
     Returns:
         ``{param_name: Tensor}``, each ``[*param.shape]`` (``[K, *param.shape]`` when ``num_groups > 1``),
@@ -812,7 +815,7 @@ def diagonal_fisher(
                 seen += B
     finally:
         fp.remove()
-    if seen == 0:
+    if seen == 0 and not _allow_empty:
         raise ValueError("batches yielded no samples: the Fisher of an empty set is undefined")
     result = fisher if num_groups > 1 else {n: t[0] for n, t in fisher.items()}
     return (result, counts) if return_counts else result

@@ -12,7 +12,8 @@ import copy
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -127,6 +128,38 @@ def _reiterable(batches: Batches | None, what: str) -> Batches | None:
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+# Models trained data-parallel by unlearn_ext.distributed.unlearn_distributed whose copies need more
+# than copy.deepcopy (FSDP2 modules refuse it): model -> function returning a plain full copy.
+_COPIERS: weakref.WeakKeyDictionary[nn.Module, Callable[[], nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wrapper trains (``model.module``); ``model`` otherwise."""
+    ddp = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
+    return model.module if ddp is not None and isinstance(model, ddp) else model
+
+
+def model_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` with its current weights (for teachers and reference models).
+
+    Same as ``copy.deepcopy(model)`` for an ordinary module. Under data-parallel training
+    (:func:`unlearn_ext.distributed.unlearn_distributed`) it is a plain, unwrapped, unsharded module
+    on every rank: the ``.module`` of a ``DistributedDataParallel`` wrapper, or, for an FSDP2 model,
+    a module with the full weights gathered from the shards (a collective: every rank calls it at the
+    same point, as every rank runs the same method code).
+    """
+    copier = _COPIERS.get(model)
+    if copier is not None:
+        return copier()
+    return copy.deepcopy(unwrap_model(model))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of a sharded ``DTensor`` (FSDP2 parameters; a collective)."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
 
 
 @dataclass(kw_only=True)

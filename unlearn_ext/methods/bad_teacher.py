@@ -3,14 +3,13 @@ from an incompetent (randomly initialised) teacher on the forget set."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from unlearn_ext._progress import progress_bar
-from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, register
+from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_copy, model_device, register
 from unlearn_ext.methods.scrub import distill_kl
 from unlearn_ext.models.training import sgd
 from unlearn_ext.models.vision import reset_parameters
@@ -38,8 +37,8 @@ class BadTeacher(Unlearner):
     def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
         if not 0.0 < self.retain_fraction <= 1.0:
             raise ValueError(f"bad_teacher: retain_fraction must be in (0, 1], got {self.retain_fraction}")
-        competent = copy.deepcopy(model).eval().requires_grad_(False)
-        incompetent = reset_parameters(copy.deepcopy(model), self.seed + 1).eval().requires_grad_(False)
+        competent = model_copy(model).eval().requires_grad_(False)
+        incompetent = reset_parameters(model_copy(model), self.seed + 1).eval().requires_grad_(False)
         opt = sgd(model, self.lr, self.momentum, self.weight_decay)
         device = model_device(model)
         gen = torch.Generator().manual_seed(self.seed)

@@ -18,7 +18,6 @@ Per epoch ``e`` (``eps_e`` on a cosine ramp from ``eps0`` to ``eps_final``):
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -27,7 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_ext._progress import progress_bar
-from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, register, steps_per_epoch
+from unlearn_ext.distributed import current_data_parallel
+from unlearn_ext.methods._base import (
+    Batches,
+    Unlearner,
+    full_tensor,
+    interleave,
+    model_copy,
+    model_device,
+    register,
+    steps_per_epoch,
+    unwrap_model,
+)
 from unlearn_ext.models.heads import features_and_logits, final_linear
 from unlearn_ext.models.initial_head import get_initial_head, head_matrix
 
@@ -44,7 +54,10 @@ def epsilon_ramp(epoch: int, epochs: int, eps0: float, eps_final: float) -> floa
 
 def retain_gram(model: nn.Module, retain: Batches) -> tuple[torch.Tensor, int]:
     """``(Z^T Z, N)``: the float64 ``[d + 1, d + 1]`` Gram of the model's penultimate features with a 1
-    appended, over every retain sample (one streaming pass, eval mode, no gradient), and the count."""
+    appended, over every retain sample (one streaming pass, eval mode, no gradient), and the count.
+
+    Under :func:`unlearn_ext.distributed.unlearn_distributed` each rank streams its shard and the Gram
+    and count are summed over the ranks (one bucketed all-reduce), so every rank gets the whole set's."""
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -61,7 +74,15 @@ def retain_gram(model: nn.Module, retain: Batches) -> tuple[torch.Tensor, int]:
                 n += z.shape[0]
     finally:
         model.train(was_training)
-    if gram is None:
+    parallel = current_data_parallel()
+    if parallel is not None:
+        if gram is None:  # an empty shard still takes part in the sum
+            d = final_linear(model).in_features
+            gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
+        count = torch.tensor([n], dtype=torch.float64, device=gram.device)
+        parallel.all_reduce([gram, count])
+        n = int(count.item())
+    if gram is None or n == 0:
         raise ValueError("muso: the retain set is empty")
     return gram, n
 
@@ -145,7 +166,7 @@ class MUSO(Unlearner):
                 raise ValueError(f"muso: {name} must be a positive finite number, got {v!r}")
 
     def _initial_head(self, model: nn.Module, head: nn.Linear) -> torch.Tensor:
-        w0 = self.w0 if self.w0 is not None else get_initial_head(model)
+        w0 = self.w0 if self.w0 is not None else get_initial_head(unwrap_model(model))
         if w0 is None:
             raise ValueError(
                 "muso needs the head's initialisation w0: train the model with unlearn_ext.models.train_classifier "
@@ -177,9 +198,9 @@ class MUSO(Unlearner):
         self._check()
         head = final_linear(model)
         w0 = self._initial_head(model, head).T  # [d + 1, C]
-        w_p = head_matrix(head).double().T  # [d + 1, C]
+        w_p = full_tensor(head_matrix(head)).double().T  # [d + 1, C]
         device = model_device(model)
-        original = copy.deepcopy(model).eval()
+        original = model_copy(model).eval()
         forget_batches = [(x, y) for x, y in forget if y.shape[0]]
         with torch.no_grad():  # the original model's forget logits = z~_orig(x_f) w_p, cached once
             original_logits = [original(x.to(device)).double() for x, _ in forget_batches]

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_ext._progress import progress_bar
-from unlearn_ext.methods._base import Batches, Unlearner, interleave, model_device, random_wrong_labels, register
+from unlearn_ext.methods._base import (
+    Batches,
+    Unlearner,
+    interleave,
+    model_device,
+    random_wrong_labels,
+    register,
+    unwrap_model,
+)
 from unlearn_ext.models.training import sgd
 
 
@@ -34,7 +42,7 @@ def train_with_random_labels(
     opt = sgd(model, lr, momentum, weight_decay if grad_mask is None else 0.0)
     device = model_device(model)
     gen = torch.Generator().manual_seed(method.seed)
-    params = dict(model.named_parameters())
+    params = dict(unwrap_model(model).named_parameters())  # the mask's names (no DDP prefix)
     model.train()
     with progress_bar(epochs, description, method.progress) as advance:
         for epoch in range(epochs):

@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn_ext.methods._base import Batches, Unlearner, model_device, register
+from unlearn_ext.distributed import current_data_parallel
+from unlearn_ext.methods._base import Batches, Unlearner, model_device, register, unwrap_model
 from unlearn_ext.methods.random_label import train_with_random_labels
 
 
 def saliency_mask(model: nn.Module, forget: Batches, keep_fraction: float) -> dict[str, torch.Tensor]:
     """``{name: 0/1 mask}`` of the ``keep_fraction`` entries with the largest ``|grad L_f(theta)|``
-    over all parameters (one global threshold); ``L_f`` is the forget set's mean cross-entropy."""
+    over all parameters (one global threshold); ``L_f`` is the forget set's mean cross-entropy.
+    Under :func:`unlearn_ext.distributed.unlearn_distributed` (DDP) the gradient sums and the count are
+    summed over the ranks' shards."""
+    model = unwrap_model(model)  # plain autograd.grad: no DDP gradient hooks
     device = model_device(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -26,6 +30,11 @@ def saliency_mask(model: nn.Module, forget: Batches, keep_fraction: float) -> di
             if g is not None:
                 grads[n] += g
         total += y.shape[0]
+    parallel = current_data_parallel()
+    if parallel is not None:
+        count = torch.tensor([float(total)], dtype=torch.float64, device=device)
+        parallel.all_reduce([*grads.values(), count])
+        total = int(count.item())
     flat = torch.cat([g.abs().flatten() for g in grads.values()]) / total
     k = max(1, int(round(keep_fraction * flat.numel())))
     threshold = torch.topk(flat, k, sorted=False).values.min()

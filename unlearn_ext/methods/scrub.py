@@ -3,7 +3,6 @@ set (max-steps) and stays close to it on the retain set (min-steps)."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_ext._progress import progress_bar
-from unlearn_ext.methods._base import Batches, Unlearner, model_device, register
+from unlearn_ext.methods._base import Batches, Unlearner, model_copy, model_device, register
 from unlearn_ext.models.training import sgd
 
 
@@ -57,7 +56,7 @@ class Scrub(Unlearner):
     max_grad_norm: float | None = 20.0
 
     def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = model_copy(model).eval().requires_grad_(False)
         opt = sgd(model, self.lr, self.momentum, self.weight_decay)
         device = model_device(model)
         model.train()

@@ -2,12 +2,13 @@
 
 One run, under an exclusive lock on the output path:
 
-1. read the audit log; close intents a crashed run left open (``published`` if the intent's file is
+1. take the lock; close intents a crashed run left open (``published`` if the intent's file is
    in place, else ``aborted``) and delete temporary files such a run left beside the output;
 2. requests already published: all of them is a no-op that reports the earlier run; some of them is an
    error (the input would lack the earlier deletions); the same id with other content is an error;
-3. load the input checkpoint from one read of its bytes (hashed), check its config against the
-   dataset and the requests' expectations, build the forget / retain split;
+0. (before anything is written, so bad input creates no file) load the input checkpoint from one read
+   of its bytes (hashed), check its config against the dataset and the requests' expectations, build
+   the forget / retain split, read the audit log;
 4. evaluate, unlearn, evaluate again, check the acceptance gates; a failed gate publishes nothing,
    records ``rejected`` and returns (the CLI exits 3);
 5. serialise the new checkpoint, check it loads back identical, append an ``intent`` record (with
@@ -289,6 +290,21 @@ def apply_requests(
     base = {"run_id": run_id, "request_ids": merged.request_ids, "host": socket.gethostname()}
     durations: dict[str, float] = {}
 
+    # Everything that can be checked without writing is checked before the lock: bad input creates no file.
+    t0 = time.perf_counter()
+    data = checkpoint.read_bytes()
+    input_sha = hashlib.sha256(data).hexdigest()
+    model, record = load_checkpoint_bytes(data, source=str(checkpoint), device=device)
+    dataset, dataset_seed = _dataset_for(merged, record, str(checkpoint))
+    _check_config(model, dataset, merged, str(checkpoint))
+    split = _split(merged, dataset, model.config["num_classes"])
+    batches = split.batches(batch_size=batch_size, seed=merged.seed)
+    audit_records = read_audit(audit)  # a damaged log is refused before anything is written
+    already = published_runs(audit_records)
+    if output.exists() and not overwrite and not all(r.request_id in already for r in merged.requests):
+        raise RequestError(f"{output} exists: pass overwrite=True (--overwrite) to replace it atomically")
+    durations["load"] = time.perf_counter() - t0
+
     with OutputLock(output):
         _maybe_crash("locked")
         recovered = _recover(audit, output)
@@ -327,19 +343,8 @@ def apply_requests(
         if output.exists() and not overwrite:
             raise RequestError(f"{output} exists: pass overwrite=True (--overwrite) to replace it atomically")
 
-        stage = "load"
         try:
-            t0 = time.perf_counter()
-            data = checkpoint.read_bytes()
-            input_sha = hashlib.sha256(data).hexdigest()
-            model, record = load_checkpoint_bytes(data, source=str(checkpoint), device=device)
-            dataset, dataset_seed = _dataset_for(merged, record, str(checkpoint))
-            _check_config(model, dataset, merged, str(checkpoint))
-            split = _split(merged, dataset, model.config["num_classes"])
-            batches = split.batches(batch_size=batch_size, seed=merged.seed)
-            durations["load"] = time.perf_counter() - t0
             _maybe_crash("loaded")
-
             stage = "evaluate before"
             t0 = time.perf_counter()
             before = _metrics(model, batches, None, merged.seed)
