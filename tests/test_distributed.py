@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,37 @@ def test_default_fsdp_units_leave_the_head_in_the_root():
     assert all(u is not lm.lm_head for u in units)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     assert _default_fsdp_units(mlp, mlp[3]) == [mlp[1]]
+
+
+def _cli_report(args: list[str], out: Path, nproc: int) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "unlearn_ext.cli", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_unlearn_run_under_torchrun_matches_one_process(tmp_path, strategy):
+    """`torchrun --nproc_per_node=2 unlearn run ...` works unchanged: rank 0 writes the report, the
+    fine-tuning ran data-parallel, and the metrics match the single-process run."""
+    args = ["run", "--method", "finetune", "--forget-class", "3", "--dataset", "digits", "--no-cache", "--no-deep",
+            "--no-progress", "--epochs", "1", "--strategy", strategy]  # fmt: skip
+    two = _cli_report(args, tmp_path / "two", 2)
+    one = _cli_report(args, tmp_path / "one", 1)
+    assert two["world_size"] == 2 and two["strategy"] == strategy and one["world_size"] == 1
+    a, b = two["methods"]["finetune"], one["methods"]["finetune"]
+    assert "error" not in a, a
+    for key in ("forget_acc", "retain_acc", "test_acc"):
+        # Same global batches; only the last, uneven batch differs (DistributedSampler-style padding).
+        assert a[key] == pytest.approx(b[key], abs=0.02), key
+    assert two["methods"]["original"]["forget_acc"] == one["methods"]["original"]["forget_acc"]

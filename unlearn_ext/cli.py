@@ -51,6 +51,12 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="under torchrun: data-parallel engine of the fine-tuning methods (default ddp; fsdp = FSDP2)",
+    )
+    p.add_argument(
         "--no-deep",
         action="store_true",
         help="skip the deep-forgetting metrics (recovery attacks, CKA, linear probe; a few seconds per method)",
@@ -132,16 +138,26 @@ def _run_and_report(spec, args) -> int:
     from rich.console import Console
 
     from unlearn_ext._progress import progress_session
+    from unlearn_ext.distributed import init_from_env, is_main_process
     from unlearn_ext.experiment import run_experiment
     from unlearn_ext.report import print_table, write_report
 
-    t0 = time.perf_counter()
-    with progress_session(not args.no_progress):
-        report = run_experiment(spec, progress=not args.no_progress)
-    report["wall_seconds"] = time.perf_counter() - t0
-    print_table(report)
-    paths = write_report(report, args.out)
-    Console().print(f"wrote {', '.join(str(p) for p in paths)} in {report['wall_seconds']:.1f} s")
+    distributed = init_from_env()  # torchrun: one process per rank, rank 0 reports
+    main = is_main_process()
+    try:
+        t0 = time.perf_counter()
+        with progress_session(not args.no_progress and main):
+            report = run_experiment(spec, progress=not args.no_progress and main)
+        report["wall_seconds"] = time.perf_counter() - t0
+        if main:
+            print_table(report)
+            paths = write_report(report, args.out)
+            Console().print(f"wrote {', '.join(str(p) for p in paths)} in {report['wall_seconds']:.1f} s")
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 
@@ -236,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "fresh": args.fresh,
         "use_cache": not args.no_cache,
         "deep": not args.no_deep,
+        "strategy": args.strategy,
     }
     try:
         if args.command == "demo":

@@ -44,6 +44,9 @@ class ExperimentSpec:
     """Add the deep-forgetting metrics (FM and fine-tuning recovery attacks, CKA, linear probe) to every row."""
     deep_options: dict = field(default_factory=dict)
     """Options of :func:`unlearn_ext.eval.deep_forgetting_metrics` (e.g. ``inversion_samples``)."""
+    strategy: str = "ddp"
+    """Under torchrun (an initialised process group with more than one rank): ``"ddp"`` or ``"fsdp"``
+    (FSDP2) for the fine-tuning methods; one-shot methods run whole on every rank. Unused otherwise."""
 
 
 def _versions() -> dict:
@@ -53,6 +56,22 @@ def _versions() -> dict:
 
 
 def _trained(
+    kind: str, spec: ExperimentSpec, split: ForgetSplit, idx: torch.Tensor | None, progress: bool
+) -> tuple[nn.Module, float, bool]:
+    """:func:`_trained_here`; under torchrun rank 0 trains (or loads) first and the other ranks then
+    load its cached model, so one model is trained once and every rank starts from the same weights."""
+    from unlearn_ext.distributed import is_distributed, is_main_process
+
+    if not (is_distributed() and spec.use_cache):
+        return _trained_here(kind, spec, split, idx, progress)
+    import torch.distributed as dist
+
+    result = _trained_here(kind, spec, split, idx, progress) if is_main_process() else None
+    dist.barrier()
+    return result if result is not None else _trained_here(kind, spec, split, idx, False)
+
+
+def _trained_here(
     kind: str, spec: ExperimentSpec, split: ForgetSplit, idx: torch.Tensor | None, progress: bool
 ) -> tuple[nn.Module, float, bool]:
     """Train (or load from the cache) a model on the training samples ``idx`` (None: all).
@@ -94,8 +113,22 @@ def _trained(
     return model, seconds, False
 
 
+def _run_method(method, original: nn.Module, batches: dict, strategy: str) -> nn.Module:
+    """``method.unlearn`` on one process; under torchrun the fine-tuning methods run data-parallel
+    (:func:`unlearn_ext.distributed.unlearn_distributed`, each rank its shard of every batch)."""
+    from unlearn_ext.distributed import DDP_METHODS, is_distributed, unlearn_distributed
+
+    if is_distributed() and method.name in DDP_METHODS:
+        return unlearn_distributed(
+            original, method, forget=batches["forget"], retain=batches["retain"], strategy=strategy
+        ).model
+    return method.unlearn(original, batches["forget"], batches["retain"])
+
+
 def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
     """Run ``spec``; returns the report dict (DESIGN.md 5 shape, accuracies in [0, 1])."""
+    if spec.strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {spec.strategy!r}")
     methods = list(spec.methods) or [m for m in available_methods() if m != "retrain"]
     for name in spec.hparams:
         if name not in methods:
@@ -150,7 +183,7 @@ def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
             t0 = time.perf_counter()
             error = None
             try:
-                model = method.unlearn(original, batches["forget"], batches["retain"])
+                model = _run_method(method, original, batches, spec.strategy)
             except (ValueError, FloatingPointError, NotImplementedError) as e:
                 error = f"{type(e).__name__}: {e}"
             seconds = time.perf_counter() - t0
@@ -183,5 +216,13 @@ def run_experiment(spec: ExperimentSpec, *, progress: bool = True) -> dict:
         "seed": spec.seed,
         "versions": _versions(),
         "threads": torch.get_num_threads(),
+        "world_size": _world_size(),
+        "strategy": spec.strategy if _world_size() > 1 else None,
         "methods": rows,
     }
+
+
+def _world_size() -> int:
+    from unlearn_ext.distributed import world_size
+
+    return world_size()
