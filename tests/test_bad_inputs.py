@@ -138,6 +138,9 @@ def _fisher_method_eval_cases():
          r"w0 must have shape \[10, 17\]"),
         ("muso singular Gram, no ridge", lambda c: __import__("unlearn_ext.methods.muso", fromlist=["x"])
          .retain_projector(torch.zeros(3, 3), 0.0), ValueError, "eps must be a positive finite ridge"),
+        ("negative learning rate", ul("neggrad", ok, ok, lr=-1.0), ValueError, "neggrad: lr must be a positive"),
+        ("zero epochs", ul("finetune", ok, ok, epochs=0), ValueError, "finetune: epochs must be a positive integer"),
+        ("fractional epochs", ul("scrub", ok, ok, epochs=2.5), ValueError, "scrub: epochs must be a positive integer"),
         ("opc negative norm weight", ul("opc", ok, ok, norm_weight=-1.0), ValueError, "norm_weight must be >= 0"),
         ("mnemonic without codes", lambda c: unlearn(build_model("mlp", (1, 8, 8), 10, hidden=16), "mnemonic",
          forget=ok(c), retain=ok(c)), ValueError, "needs the model's mnemonic codes"),

@@ -98,7 +98,7 @@ def test_fused_op_backends_give_the_same_step(models, on):
     [
         ({"on": "weights"}, "on must be one of"),
         ({"norm_weight": -1.0}, "norm_weight must be >= 0"),
-        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
         ({"backend": "gpu"}, "backend must be one of"),
     ],
 )

@@ -194,6 +194,7 @@ class Unlearner:
         """Return the unlearned model (a copy unless ``inplace``), in eval mode."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self._check_common_hparams()
         forget = _reiterable(forget, "forget")
         retain = _reiterable(retain, "retain")
         if forget is None:
@@ -218,6 +219,23 @@ class Unlearner:
 
     def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
         raise NotImplementedError
+
+    def _check_common_hparams(self) -> None:
+        """The hyperparameters most methods share, checked once for all: ``lr`` a positive finite
+        number, ``epochs`` / ``steps`` positive integers (``None`` where a method allows it)."""
+        import math
+
+        for f in dataclasses.fields(self):
+            if not f.init or f.name not in ("lr", "epochs", "steps"):
+                continue
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "lr":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                    raise ValueError(f"{self.name}: lr must be a positive finite number, got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{self.name}: {f.name} must be a positive integer, got {v!r}")
 
 
 def check_batches(model: nn.Module, batches: Batches, what: str) -> int:
