@@ -69,6 +69,9 @@ def test_apply_publishes_a_verified_checkpoint_and_audits_it(checkpoint, tmp_pat
     assert result.status == "published", result.gates
     assert sha256_file(checkpoint) == before  # the input is only read
     assert sha256_file(out) == result.output_sha256
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     model, record = load_checkpoint(out)
     history = record["metadata"]["unlearn_history"]
     assert history[-1]["request_ids"] == ["r1"] and history[-1]["input_sha256"] == before

@@ -202,7 +202,7 @@ def _apply(args) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, LockedError, OSError) as e:
         print(f"unlearn apply: error: {e}", file=sys.stderr)
         return 2
-    console = Console()
+    console = Console(soft_wrap=True)  # no wrapping: the lines are log lines
     if args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}, default=str))
     ids = ", ".join(result.request_ids)
