@@ -181,3 +181,26 @@ def test_muso_bad_input(mlp, split):
         get_method("muso").unlearn(
             mlp, TensorBatches(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), b["retain"]
         )
+
+
+def test_released_operator_is_the_scaled_woodbury_form(mlp, split):
+    """projector='released' computes (1/eps) Z^T (I + Z Z^T)^-1 Z = (1/eps) (I - (I + G)^-1) on its
+    subsample (all rows at subset_ratio=1), and the method runs with it."""
+    from unlearn_ext.methods.muso import released_projector
+
+    retain = split.batches(batch_size=64)["retain"]
+    gram, n = retain_gram(mlp, retain)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    for eps in (1e-2, 0.5):
+        op, n_s = released_projector(mlp, retain, eps, 1.0, torch.Generator().manual_seed(0))
+        assert n_s == n
+        torch.testing.assert_close(op, (eye - torch.linalg.inv(eye + gram)) / eps, rtol=1e-6, atol=1e-6)
+    _, n_half = released_projector(mlp, retain, 1e-2, 0.2, torch.Generator().manual_seed(0))
+    assert 0.1 * n < n_half < 0.3 * n
+    b = split.batches(batch_size=64)
+    m = get_method("muso", epochs=1, projector="released").unlearn(mlp, b["forget"], b["retain"])
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    with pytest.raises(ValueError, match="projector must be one of"):
+        get_method("muso", projector="woodbury").unlearn(mlp, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match="subset_ratio must be in"):
+        get_method("muso", projector="released", subset_ratio=0.0).unlearn(mlp, b["forget"], b["retain"])

@@ -43,6 +43,7 @@ from unlearn_ext.models.initial_head import get_initial_head, head_matrix
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
+PROJECTORS = ("exact", "released")
 
 
 def epsilon_ramp(epoch: int, epochs: int, eps0: float, eps_final: float) -> float:
@@ -105,6 +106,36 @@ def retain_projector(gram: torch.Tensor, eps: float) -> torch.Tensor:
     return eye - eps * torch.cholesky_solve(eye, chol)
 
 
+def released_projector(
+    model: nn.Module, retain: Batches, eps: float, subset_ratio: float, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """The released code's operator (its Feb 2025 HEAD, METHODS.md 3.2), for comparison only:
+    ``(1 / eps) Z_s^T (I + Z_s Z_s^T)^-1 Z_s`` over a random ``subset_ratio`` of the retain rows
+    (each kept with that probability), an ``N_s x N_s`` solve; not a projector (scaled by ``1 / eps``).
+    Returns ``(operator [d + 1, d + 1], N_s)``."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.no_grad():
+            for x, _ in retain:
+                if x.shape[0] == 0:
+                    continue
+                keep = torch.rand(x.shape[0], generator=generator) < subset_ratio
+                if not bool(keep.any()):
+                    continue
+                feats, _ = features_and_logits(model, x[keep].to(device))
+                rows.append(torch.cat([feats.double(), torch.ones_like(feats[:, :1], dtype=torch.float64)], 1))
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise ValueError("muso: the retain subsample is empty: raise subset_ratio")
+    z = torch.cat(rows)
+    inner = torch.eye(z.shape[0], dtype=z.dtype, device=z.device) + z @ z.T
+    return z.T @ torch.linalg.solve(inner, z) / eps, z.shape[0]
+
+
 def relabel_matrix(gram: torch.Tensor, w_p: torch.Tensor, w0: torch.Tensor, eps: float) -> torch.Tensor:
     """``R = Pi (w_p - w0) + w0 + w_p`` (``[d + 1, C]``) with ``Pi = retain_projector(gram, eps)``;
     ``w_p``, ``w0``: the original head and its initialisation as ``[d + 1, C]`` (weight rows, then bias)."""
@@ -129,7 +160,10 @@ class MUSO(Unlearner):
     (``[C, d + 1]``: weight, bias as the last column). The model's last layer must be an ``nn.Linear``.
 
     Hyperparameters: epochs, lr, optimizer ("adamw", "adam", "sgd"), schedule ("cosine", "constant"),
-    weight_decay, eps0 and eps_final (the ridge's cosine ramp; METHODS.md 3.2: 1e-6 to 1e-2), w0.
+    weight_decay, eps0 and eps_final (the ridge's cosine ramp; METHODS.md 3.2: 1e-6 to 1e-2), w0,
+    projector: ``"exact"`` (the streamed-Gram projector over all retain rows) or ``"released"`` (the
+    released code's ``1 / eps``-scaled operator on a random ``subset_ratio`` of the retain rows, to
+    reproduce its behaviour; :func:`released_projector`).
     Defaults are the released code's full-class setting (5 epochs, AdamW, lr 2.8e-4, cosine); its
     random-subset setting is ``epochs=2, optimizer="adam", lr=3e-5, schedule="constant"``.
 
@@ -149,6 +183,8 @@ class MUSO(Unlearner):
     weight_decay: float = 0.0
     eps0: float = 1e-6
     eps_final: float = 1e-2
+    projector: str = "exact"
+    subset_ratio: float = 0.2
     w0: torch.Tensor | None = None
 
     def _check(self) -> None:
@@ -160,6 +196,12 @@ class MUSO(Unlearner):
             raise ValueError(f"muso: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"muso: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"muso: projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if not (isinstance(self.subset_ratio, (int, float)) and 0 < self.subset_ratio <= 1):
+            raise ValueError(f"muso: subset_ratio must be in (0, 1], got {self.subset_ratio!r}")
+        if self.projector == "released" and current_data_parallel() is not None:
+            raise NotImplementedError("muso: projector='released' (a comparison knob) runs on one process only")
         for name in ("eps0", "eps_final"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -215,8 +257,12 @@ class MUSO(Unlearner):
         with progress_bar(self.epochs, "muso", self.progress) as advance:
             for epoch in range(self.epochs):
                 eps = epsilon_ramp(epoch, self.epochs, self.eps0, self.eps_final)
-                gram, n_retain = retain_gram(model, retain)
-                relabel = relabel_matrix(gram, w_p, w0, eps)
+                if self.projector == "exact":
+                    gram, n_retain = retain_gram(model, retain)
+                    relabel = relabel_matrix(gram, w_p, w0, eps)
+                else:
+                    operator, n_retain = released_projector(model, retain, eps, self.subset_ratio, generator)
+                    relabel = operator @ (w_p - w0) + w0 + w_p
                 indexed = list(enumerate(forget_batches))
                 stats = {"loss": 0.0, "steps": 0, "kept_true": 0, "n_forget": 0}
                 model.train()
