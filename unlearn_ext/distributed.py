@@ -17,6 +17,12 @@ ranks' gradients of their mean losses, which is the gradient of the mean loss ov
 when the shards have equal sizes (batch sizes divisible by the world size; ``uneven="pad"`` makes
 them equal otherwise, by repeating samples as ``DistributedSampler`` does). The Fisher is a sum, so
 it is sharded with no padding and is exact for any split.
+
+SIU and its baselines (``siu``, ``ga``, ``ga_kl``, ``po``) fine-tune a multimodal LM rather than a
+classifier on batches: they run data-parallel through :func:`unlearn_ext.siu.train.finetune_llm`
+(and so :func:`unlearn_ext.siu.unlearn_concept`) with ``FinetuneConfig(distributed="ddp" | "fsdp")``,
+which uses the helpers here (:func:`_decoder_layers` picks its FSDP2 units); its module docstring
+says how a step is split and normalised so that it equals the single-process step.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ DDP_METHODS = frozenset(
 )
 #: Methods that run under ``strategy="fsdp"`` (FSDP2's ``fully_shard``).
 FSDP_METHODS = frozenset({"finetune", "neggrad", "neggrad_plus", "opc", "scrub", "muso", "random_label", "bad_teacher"})
+#: SIU and its baselines: data-parallel through ``unlearn_ext.siu.train.finetune_llm`` (``FinetuneConfig.distributed``).
+_CONCEPT_METHODS = frozenset({"siu", "ga", "ga_kl", "po"})
 _WHY_NOT = {
     "mnemonic": "it is a one-shot edit from the mnemonic codes (no data, no training): run it on one rank",
     "ssd": "it is a one-shot edit from the forget/retain Fishers: compute them with distributed_diagonal_fisher",
@@ -549,6 +557,15 @@ def _gathered_copy(sharded: nn.Module, template: nn.Module, device: torch.device
     with torch.no_grad():  # FSDP2 does not shard buffers: take non-persistent ones as they are
         for name, buf in sharded.named_buffers():
             plain.get_buffer(name).copy_(buf)
+    # Moving to the meta device unties shared parameters (an LM head tied to the token embedding):
+    # tie them again as the sharded module has them (FSDP2 shards a shared parameter once).
+    first: dict[int, str] = {}
+    for name, p in sharded.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = name
+            continue
+        owner, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(owner), leaf, plain.get_parameter(first[id(p)]))
     return plain.train(sharded.training)
 
 
@@ -564,10 +581,44 @@ def _wrap_ddp(work: nn.Module, group: Any, options: Mapping[str, Any]) -> nn.Mod
     return DistributedDataParallel(work, process_group=group, **kwargs)
 
 
+def _fsdp_mesh(group: Any, device: torch.device):
+    """The 1-D device mesh of ``group`` (the default group when None) on ``device``'s type, for ``fully_shard``."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    if group is not None:
+        return DeviceMesh.from_group(group, device.type)
+    return init_device_mesh(device.type, (world_size(),))
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``model``'s language model(s), in order: the elements of every
+    ``nn.ModuleList`` that is a direct child of a module that also directly owns an ``nn.Embedding``
+    (``LlamaModel.layers`` next to ``embed_tokens``, and the same inside LLaVA or MiniLlava).
+
+    These are the FSDP2 units of :func:`unlearn_ext.siu.train.finetune_llm`: every rank runs every
+    one of them in every step. A vision tower's blocks are deliberately not picked (CLIP's encoder
+    layers sit next to no embedding table): a rank whose shard of a batch has no image does not
+    run the vision tower at all, and an FSDP unit that only some ranks run would leave the others
+    waiting in its all-gather; in the root unit the tower is gathered on every rank instead.
+    """
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        children = list(m.children())
+        if not any(isinstance(c, nn.Embedding) for c in children):
+            continue
+        for c in children:
+            if isinstance(c, nn.ModuleList):
+                for block in c:
+                    if id(block) not in seen and next(block.parameters(), None) is not None:
+                        seen.add(id(block))
+                        out.append(block)
+    return out
+
+
 def _wrap_fsdp(
     work: nn.Module, group: Any, units: Sequence[nn.Module] | None, options: Mapping[str, Any]
 ) -> tuple[nn.Module, nn.Module]:
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from unlearn_ext.methods._base import model_device
@@ -577,11 +628,7 @@ def _wrap_fsdp(
     # FSDP2 does not synchronise the initial weights (DDP does): start every rank from rank 0's.
     with torch.no_grad():
         broadcast_buckets([*work.parameters(), *work.buffers()], group=group)
-    mesh = (
-        DeviceMesh.from_group(group, device.type)
-        if group is not None
-        else init_device_mesh(device.type, (world_size(),))
-    )
+    mesh = _fsdp_mesh(group, device)
     head = _final_linear_or_none(work)
     chosen = list(_default_fsdp_units(work, head) if units is None else units)
     for u in chosen:
@@ -681,6 +728,12 @@ def unlearn_distributed(
         raise ValueError(f"uneven must be one of {UNEVEN}, got {uneven!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(method, str) and method in _CONCEPT_METHODS:
+        raise ValueError(
+            f"{method!r} forgets a visual concept from a multimodal LM, not a classifier's data: run it "
+            "data-parallel with unlearn_ext.siu.unlearn_concept(..., config=FinetuneConfig(distributed='ddp')) "
+            "(or 'fsdp'; or unlearn_ext.siu.train.finetune_llm), called on every rank"
+        )
     if isinstance(method, Unlearner):
         if hparams:
             raise ValueError(f"hyperparameters {sorted(hparams)} given with an Unlearner instance: set them on it")
