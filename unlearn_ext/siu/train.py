@@ -225,6 +225,9 @@ def finetune_llm(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    device = next(student.parameters()).device  # batches go where the model is (CPU or GPU)
+    if vocab_mask is not None:
+        vocab_mask = vocab_mask.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     log: list[dict] = []
@@ -233,9 +236,9 @@ def finetune_llm(
             if len(order) < cfg.batch_size:
                 order += torch.randperm(len(samples), generator=gen).tolist()
             idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            batch = collate([samples[i] for i in idx], pad_id)
+            batch = {k: v.to(device) for k, v in collate([samples[i] for i in idx], pad_id).items()}
             imgs = [images[i] for i in idx if images[i] is not None]
-            pixel_values = torch.stack(imgs) if imgs else None
+            pixel_values = torch.stack(imgs).to(device) if imgs else None
             h = _hidden(student, batch, pixel_values)
             if kl_w != 0:
                 with torch.no_grad():
