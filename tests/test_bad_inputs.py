@@ -101,6 +101,14 @@ def _ops_cases():
     ]  # fmt: skip
 
 
+def _muso_linear(forget_mask: torch.Tensor):
+    from unlearn_ext.methods.muso_linear import muso_linear
+
+    phi = torch.randn(10, 30, dtype=torch.float64)
+    w = torch.zeros(30, dtype=torch.float64)
+    return muso_linear(phi, torch.randn(10, dtype=torch.float64), forget_mask, w, w)
+
+
 def _fisher_method_eval_cases():
     def ul(method, forget, retain=None, **hp):
         return lambda c: unlearn(c.model, method, forget=forget(c), retain=retain(c) if retain else None, **hp)
@@ -141,6 +149,10 @@ def _fisher_method_eval_cases():
         ("negative learning rate", ul("neggrad", ok, ok, lr=-1.0), ValueError, "neggrad: lr must be a positive"),
         ("zero epochs", ul("finetune", ok, ok, epochs=0), ValueError, "finetune: epochs must be a positive integer"),
         ("fractional epochs", ul("scrub", ok, ok, epochs=2.5), ValueError, "scrub: epochs must be a positive integer"),
+        ("muso_linear forget mask longer than the data", lambda c: _muso_linear(torch.ones(12, dtype=torch.bool)),
+         ValueError, r"forget_mask must be a bool tensor \[10\]"),
+        ("muso_linear forget set = all data", lambda c: _muso_linear(torch.ones(10, dtype=torch.bool)), ValueError,
+         "nothing would be retained"),
         ("opc negative norm weight", ul("opc", ok, ok, norm_weight=-1.0), ValueError, "norm_weight must be >= 0"),
         ("mnemonic without codes", lambda c: unlearn(build_model("mlp", (1, 8, 8), 10, hidden=16), "mnemonic",
          forget=ok(c), retain=ok(c)), ValueError, "needs the model's mnemonic codes"),
