@@ -216,7 +216,7 @@ _METHODS = {
 _DDP_ONLY = {"retrain": {"epochs": 2, "lr": 0.05, "t_mix": 0.0}}
 #: Random relabelling draws per shard, so no single-process equal: checked to run and agree over ranks.
 _SMOKE = {"random_label": {"epochs": 1}, "salun": {"epochs": 1}}
-_SMOKE_FSDP = {"random_label": {"epochs": 1}}
+_SMOKE_FSDP = {"random_label": {"epochs": 1}, "salun": {"epochs": 1}}
 
 
 def _methods_worker(rank: int, world: int, strategy: str) -> dict:
@@ -250,6 +250,11 @@ def _methods_worker(rank: int, world: int, strategy: str) -> dict:
         forget, retain = data()
         res = unlearn_distributed(model, name, forget=forget, retain=retain, strategy=strategy, **hp)
         out[name] = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
+    # SalUn's saliency mask is global (gradients summed over the shards): the weights it leaves
+    # untouched must be exactly those the single-process run leaves untouched.
+    forget, retain = data()
+    ref = get_method("salun", **_SMOKE["salun"]).unlearn(model, forget, retain)
+    out["salun_ref_moved"] = {k: v != model.state_dict()[k] for k, v in ref.state_dict().items()}
     out["untouched"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
     # inplace=True trains the given model (for FSDP2: the gathered weights are loaded back into it)
@@ -354,6 +359,10 @@ def _check_methods(runs, strategy):
     for name in compared:  # the same weights on both ranks, from different shards (rank-local losses)
         _close(runs[0][name]["dist"], runs[1][name]["dist"], 0.0, what=f"{name} rank 0 vs 1")
         assert runs[0][name]["log"] != runs[1][name]["log"], name
+    for r in runs:
+        for k, moved_ref in r["salun_ref_moved"].items():
+            moved = r["salun"][k] != original[k]
+            assert torch.equal(moved, moved_ref), f"{strategy} salun mask differs from one process at {k}"
     for name in ["padded", *(_SMOKE if strategy == "ddp" else _SMOKE_FSDP)]:
         _close(runs[0][name], runs[1][name], 0.0, what=f"{name} rank 0 vs 1")
         assert not torch.allclose(runs[0][name]["net.1.weight"], original["net.1.weight"]), name

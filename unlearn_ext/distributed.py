@@ -90,7 +90,9 @@ DDP_METHODS = frozenset(
     }
 )
 #: Methods that run under ``strategy="fsdp"`` (FSDP2's ``fully_shard``).
-FSDP_METHODS = frozenset({"finetune", "neggrad", "neggrad_plus", "opc", "scrub", "muso", "random_label", "bad_teacher"})
+FSDP_METHODS = frozenset(
+    {"finetune", "neggrad", "neggrad_plus", "opc", "scrub", "muso", "random_label", "salun", "bad_teacher"}
+)
 #: SIU and its baselines: data-parallel through ``unlearn_ext.siu.train.finetune_llm`` (``FinetuneConfig.distributed``).
 _CONCEPT_METHODS = frozenset({"siu", "ga", "ga_kl", "po"})
 _WHY_NOT = {
@@ -99,8 +101,6 @@ _WHY_NOT = {
     "fisher_forgetting": "it is a one-shot edit from the retain Fisher: compute it with distributed_diagonal_fisher",
 }
 _WHY_NOT_FSDP = {
-    "salun": "its saliency mask takes torch.autograd.grad with respect to the parameters, which FSDP2 shards "
-    "(use strategy='ddp')",
     "retrain": "it re-initialises the parameters in place, which FSDP2 has replaced by shards (use strategy='ddp')",
 }
 

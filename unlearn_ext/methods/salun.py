@@ -9,16 +9,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_ext.distributed import current_data_parallel
-from unlearn_ext.methods._base import Batches, Unlearner, model_device, register, unwrap_model
+from unlearn_ext.methods._base import Batches, Unlearner, model_copy, model_device, register, unwrap_model
 from unlearn_ext.methods.random_label import train_with_random_labels
 
 
 def saliency_mask(model: nn.Module, forget: Batches, keep_fraction: float) -> dict[str, torch.Tensor]:
     """``{name: 0/1 mask}`` of the ``keep_fraction`` entries with the largest ``|grad L_f(theta)|``
     over all parameters (one global threshold); ``L_f`` is the forget set's mean cross-entropy.
-    Under :func:`unlearn_ext.distributed.unlearn_distributed` (DDP) the gradient sums and the count are
-    summed over the ranks' shards."""
-    model = unwrap_model(model)  # plain autograd.grad: no DDP gradient hooks
+    Under :func:`unlearn_ext.distributed.unlearn_distributed` the gradient sums and the count are
+    summed over the ranks' data shards (the same mask on every rank); under FSDP2 the gradients are
+    taken on a gathered copy and each rank gets its parameter shard's slice of the mask (a DTensor)."""
+    live = unwrap_model(model)  # plain autograd.grad: no DDP gradient hooks
+    sharded = _is_fsdp(live)
+    # FSDP2 keeps only shards: take the gradients on a gathered full copy (a collective, on every rank).
+    model = model_copy(model) if sharded else live
     device = model_device(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -38,7 +42,25 @@ def saliency_mask(model: nn.Module, forget: Batches, keep_fraction: float) -> di
     flat = torch.cat([g.abs().flatten() for g in grads.values()]) / total
     k = max(1, int(round(keep_fraction * flat.numel())))
     threshold = torch.topk(flat, k, sorted=False).values.min()
-    return {n: (g.abs() / total >= threshold).to(g.dtype) for n, g in grads.items()}
+    masks = {n: (g.abs() / total >= threshold).to(g.dtype) for n, g in grads.items()}
+    if sharded:  # the same full mask on every rank -> each rank's slice, shaped like its parameter shard
+        from torch.distributed.tensor import distribute_tensor
+
+        shards = dict(live.named_parameters())
+        masks = {
+            n: distribute_tensor(m, shards[n].device_mesh, shards[n].placements, src_data_rank=None)
+            for n, m in masks.items()
+        }
+    return masks
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 @register
