@@ -684,6 +684,38 @@ def mean_and_std(rows: Iterable[Mapping[str, Any]], keys: Iterable[str]) -> dict
     return out
 
 
+def summarise_methods(runs: Sequence[Mapping[str, Any]], metrics: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Per method over ``runs`` (each ``{"methods": {name: row}}``): the run count, the failed-run count
+    (rows with ``"error"``) and :func:`mean_and_std` of ``metrics`` over the successful rows."""
+    metrics = tuple(metrics)
+    names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
+    out = {}
+    for name in names:
+        rows = [r["methods"][name] for r in runs if name in r["methods"]]
+        ok = [row for row in rows if "error" not in row]
+        out[name] = {"runs": len(ok), "failed_runs": len(rows) - len(ok), **mean_and_std(ok, metrics)}
+    return out
+
+
+def mean_std_cell(entry: Mapping[str, Any], key: str, scale: float) -> str:
+    """``"mean ± std"`` of ``key`` in a :func:`summarise_methods` entry, times ``scale`` ("-" if absent)."""
+    if key not in entry:
+        return "-"
+    digits = 3 if key == "seconds" else (2 if scale == 1 else 1)
+    return f"{scale * entry[key]:.{digits}f} ± {scale * entry[key + '_std']:.{digits}f}"
+
+
+def print_targets(targets: Mapping[str, tuple[float, bool]], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Print ``PASS``/``FAIL`` for each ``{label: (value, passed)}``; returns them keyed
+    ``"<prefix> <label>"`` as ``{"value", "pass"}`` for the JSON payload."""
+    out = {}
+    for label, (value, ok) in targets.items():
+        name = f"{prefix} {label}" if prefix else label
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.4g}")
+        out[name] = {"value": value, "pass": bool(ok)}
+    return out
+
+
 def write_json(name: str, payload: Mapping[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``payload`` to ``benchmarks/results/<name>.json`` atomically; returns the path."""
     out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR

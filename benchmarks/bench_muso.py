@@ -41,16 +41,6 @@ COLUMNS = (  # (metric, header, scale)
 )
 
 
-def _summarise(runs: list[dict]) -> dict:
-    names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
-    summary = {}
-    for name in names:
-        rows = [r["methods"][name] for r in runs if name in r["methods"]]
-        ok = [row for row in rows if "error" not in row]
-        summary[name] = {"runs": len(ok), "failed_runs": len(rows) - len(ok), **_harness.mean_and_std(ok, METRICS)}
-    return summary
-
-
 def _targets(summary: dict, scenario: str) -> dict:
     """Issue 6's deep targets for one (model, scenario) group: label -> (value, pass)."""
     m = summary.get("muso", {})
@@ -64,13 +54,6 @@ def _targets(summary: dict, scenario: str) -> dict:
     if scenario.startswith("class"):
         return {"muso forget acc <= 5% (full class)": (m["forget_acc"], m["forget_acc"] <= 0.05)}
     return {}
-
-
-def _cell(entry: dict, key: str, scale: float) -> str:
-    if key not in entry:
-        return "-"
-    digits = 3 if key == "seconds" else 1
-    return f"{scale * entry[key]:.{digits}f} ± {scale * entry[key + '_std']:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,20 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     groups, all_targets = {}, {}
     for arch in args.models:
         for scenario, _, _ in scenarios:
-            summary = _summarise([r for r in runs if r["model"] == arch and r["scenario"] == scenario])
+            group = [r for r in runs if r["model"] == arch and r["scenario"] == scenario]
+            summary = _harness.summarise_methods(group, METRICS)
             _harness.print_table(
                 f"{arch} / forget {scenario}: mean ± std over seeds {args.seeds}",
                 ["method", *[h for _, h, _ in COLUMNS]],
-                [[name, *[_cell(e, k, s) for k, _, s in COLUMNS]] for name, e in summary.items()],
+                [[name, *[_harness.mean_std_cell(e, k, s) for k, _, s in COLUMNS]] for name, e in summary.items()],
                 caption="MIA: entropy attack, % of forget samples called members; gap: mean |test|, |forget|, "
                 "|MIA| difference to retrain (METHODS.md 3.3)",
             )
-            targets = _targets(summary, scenario)
-            for label, (value, ok) in targets.items():
-                print(f"{'PASS' if ok else 'FAIL'}  {arch}/{scenario} {label}: {value:.4g}")
             key = f"{arch}/{scenario}"
             groups[key] = summary
-            all_targets.update({f"{key} {k}": {"value": v, "pass": ok} for k, (v, ok) in targets.items()})
+            all_targets.update(_harness.print_targets(_targets(summary, scenario), key))
 
     payload = {
         "benchmark": "muso",

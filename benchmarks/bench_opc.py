@@ -55,16 +55,6 @@ COLUMNS = (  # (metric, header, scale)
 )
 
 
-def _summarise(runs: list[dict]) -> dict:
-    names = list(dict.fromkeys(name for r in runs for name in r["methods"]))
-    summary = {}
-    for name in names:
-        rows = [r["methods"][name] for r in runs if name in r["methods"]]
-        ok = [row for row in rows if "error" not in row]
-        summary[name] = {"runs": len(ok), "failed_runs": len(rows) - len(ok), **_harness.mean_and_std(ok, METRICS)}
-    return summary
-
-
 def _targets(summary: dict, kind: str) -> dict:
     """Issue 5's OPC targets for one (model, forget kind) group: name -> (value, pass)."""
     out = {}
@@ -88,13 +78,6 @@ def _targets(summary: dict, kind: str) -> dict:
             m["fm_recovered_forget_acc"] <= 0.20,
         )
     return out
-
-
-def _cell(entry: dict, key: str, scale: float) -> str:
-    if key not in entry:
-        return "-"
-    digits = 3 if key == "seconds" else (2 if scale == 1 else 1)
-    return f"{scale * entry[key]:.{digits}f} ± {scale * entry[key + '_std']:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,22 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.models:
         for kind in dict.fromkeys(k for k, _, _ in forget_sets):
             sel = [r for r in runs if r["model"] == arch and r["kind"] == kind]
-            summary = _summarise(sel)
+            summary = _harness.summarise_methods(sel, METRICS)
             what = f"classes {args.classes} one at a time" if kind == "class" else f"random {args.fraction:.0%}"
             _harness.print_table(
                 f"{arch} / forget {what}: mean ± std over seeds {args.seeds}",
                 ["method", *[h for _, h, _ in COLUMNS]],
-                [[name, *[_cell(e, k, s) for k, _, s in COLUMNS]] for name, e in summary.items()],
+                [[name, *[_harness.mean_std_cell(e, k, s) for k, _, s in COLUMNS]] for name, e in summary.items()],
                 caption="FM: feature-mapping recovery attack (fit on retain, original head); FT: 50 SGD steps on 256 "
                 "retain samples; CKA orig: linear CKA to the original on the forget set; probe: linear probe on "
                 "forget-class test images; inv dB: gradient-inversion PSNR",
             )
-            targets = _targets(summary, kind)
-            for label, (value, ok) in targets.items():
-                print(f"{'PASS' if ok else 'FAIL'}  {arch}/{kind} {label}: {value:.4g}")
             key = f"{arch}/{kind}"
             groups[key] = summary
-            all_targets.update({f"{key} {k}": {"value": v, "pass": ok} for k, (v, ok) in targets.items()})
+            all_targets.update(_harness.print_targets(_targets(summary, kind), key))
 
     payload = {
         "benchmark": "opc",

@@ -15,7 +15,6 @@ data, and saves both; the test process compares them (and the two ranks with eac
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,34 +24,15 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
+from _spawn import run_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 
 WORLD = 2
 ATOL64 = 1e-9
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
-    """Process entry point (module level, so it pickles): join the group, run ``fn``, save its result."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world)
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(fn, tmp_path) -> list[dict]:
-    mp.spawn(_entry, args=(fn, WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(fn, WORLD, tmp_path)
 
 
 def _close(a, b, atol: float, rtol: float = 0.0, what: str = "") -> None:
@@ -435,7 +415,6 @@ def test_default_fsdp_units_leave_the_head_in_the_root():
 
 def _cli_report(args: list[str], out: Path, nproc: int) -> dict:
     import json
-    import os
     import subprocess
     import sys
 

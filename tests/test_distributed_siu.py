@@ -21,9 +21,6 @@ process compares the saved weights and loss logs.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 
@@ -32,7 +29,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 transformers = pytest.importorskip("transformers")
 
-import torch.multiprocessing as mp  # noqa: E402
+from _spawn import run_ranks  # noqa: E402
 
 from unlearn_ext import _loader  # noqa: E402
 
@@ -49,25 +46,8 @@ ATOL, RTOL = 1e-9, 1e-7
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, fn, world: int, port: int, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.save(fn(rank, world), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def _run(fn, tmp_path) -> list[dict]:
-    mp.spawn(_entry, args=(fn, WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(fn, WORLD, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

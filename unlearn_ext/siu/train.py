@@ -146,6 +146,25 @@ def _add_lora(model: nn.Module, cfg: FinetuneConfig):
     return LoraModel(model, config, "default")
 
 
+def _trainable(student: nn.Module, cfg: FinetuneConfig):
+    """Add LoRA adapters when ``cfg.lora_rank`` and freeze all but the trained parameters (in place).
+    Returns ``(peft LoraModel or None, [trained parameters])``."""
+    lora = None
+    if cfg.lora_rank is not None:
+        lora = _add_lora(student, cfg)
+        params = [p for n, p in student.named_parameters() if "lora_" in n]
+        params += [p for n, p in student.named_parameters() if cfg.train != "all" and cfg.train in n]
+    else:
+        params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
+    if not params:
+        raise ValueError(f"no parameter name contains {cfg.train!r}")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return lora, params
+
+
 def finetune_llm(
     model: nn.Module,
     samples: Sequence[EncodedSample],
@@ -211,19 +230,7 @@ def finetune_llm(
     # Eval mode throughout: a few steps on one image must not re-estimate normalisation statistics
     # (BatchNorm in a vision encoder) from it, and dropout would only add noise to so few steps.
     student = copy.deepcopy(model).eval()
-    lora = None
-    if cfg.lora_rank is not None:
-        lora = _add_lora(student, cfg)
-        params = [p for n, p in student.named_parameters() if "lora_" in n]
-        params += [p for n, p in student.named_parameters() if cfg.train != "all" and cfg.train in n]
-    else:
-        params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
-    if not params:
-        raise ValueError(f"no parameter name contains {cfg.train!r}")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    lora, params = _trainable(student, cfg)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     device = next(student.parameters()).device  # batches go where the model is (CPU or GPU)
     if vocab_mask is not None:
@@ -374,19 +381,7 @@ def _finetune_distributed(
     t0 = time.perf_counter()
     reference = copy.deepcopy(model).eval().requires_grad_(False) if kl_w != 0 else None
     student = copy.deepcopy(model).eval()
-    lora = None
-    if cfg.lora_rank is not None:
-        lora = _add_lora(student, cfg)
-        params = [p for n, p in student.named_parameters() if "lora_" in n]
-        params += [p for n, p in student.named_parameters() if cfg.train != "all" and cfg.train in n]
-    else:
-        params = [p for n, p in student.named_parameters() if cfg.train == "all" or cfg.train in n]
-    if not params:
-        raise ValueError(f"no parameter name contains {cfg.train!r}")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    lora, params = _trainable(student, cfg)
     name_of = {id(p): n for n, p in student.named_parameters()}
     names = [name_of[id(p)] for p in params]
     loss_options = {"temperature": cfg.temperature, "renormalize": cfg.renormalize, "backend": cfg.backend}
