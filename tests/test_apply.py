@@ -111,6 +111,21 @@ def test_rerun_of_a_published_request_is_a_noop_reporting_the_earlier_result(che
         apply_requests(checkpoint, [both], tmp_path / "other.safetensors")
 
 
+def test_overwriting_an_output_that_carries_other_deletions_is_refused(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert apply_requests(checkpoint, [write(tmp_path / "a.json", request("a"))], out).status == "published"
+    before = sha256_file(out)
+    other = write(tmp_path / "b.json", request("b", forget={"classes": [5]}))
+    with pytest.raises(RequestError, match=r"carries published deletion requests \['a'\].*use that output"):
+        apply_requests(checkpoint, [other], out, overwrite=True)  # from the original: would bring 'a' back
+    assert sha256_file(out) == before
+    derived = tmp_path / "derived.safetensors"
+    derived.write_bytes(out.read_bytes())
+    result = apply_requests(derived, [other], out, overwrite=True)  # derived from it: allowed
+    history = load_checkpoint(out)[1]["metadata"]["unlearn_history"]
+    assert result.status == "published" and [h["request_ids"] for h in history] == [["a"], ["b"]]
+
+
 def test_failed_gate_publishes_nothing_and_exits_3(checkpoint, tmp_path, capsys):
     req = write(tmp_path / "req.json", request(gates={"max_forget_acc": 0.0, "max_retain_drop": 0.0}))
     out = tmp_path / "model.safetensors"
@@ -281,9 +296,13 @@ def test_sigkill_at_each_step_leaves_everything_intact(checkpoint, tmp_path, cra
     """Kill apply at each step while it replaces an earlier output: the input, the earlier output (or
     the complete new one) and the audit log stay intact; a rerun recovers and finishes the request."""
     out = tmp_path / "model.safetensors"
-    r0 = write(tmp_path / "r0.json", request("r0", forget={"sample_ids": [1, 2]}, gates={}))
+    r0 = request("r0", forget={"sample_ids": [1, 2]}, method="finetune", hparams={"epochs": 1, "lr": 0.01}, gates={})
+    r0 = write(tmp_path / "r0.json", r0)
     first = apply_requests(checkpoint, [r0], out)
     assert first.status == "published"
+    # The next input derives from the published output (replacing it with a model lacking r0 is refused).
+    checkpoint = tmp_path / "v1.safetensors"
+    checkpoint.write_bytes(out.read_bytes())
     input_sha, earlier_sha = sha256_file(checkpoint), first.output_sha256
     req = write(tmp_path / "r1.json", request())
     args = [

@@ -143,6 +143,22 @@ def _safetensors_metadata(data: bytes) -> dict:
     return meta
 
 
+def read_checkpoint_record(path: str | os.PathLike) -> dict | None:
+    """The unlearn_ext record (config, train_config, metadata) from a checkpoint's header only, without
+    reading its tensors; None when the file is missing, unreadable or not an unlearn_ext checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= 100 * 2**20:
+                return None
+            meta = _safetensors_metadata(head + f.read(n))
+        record = json.loads(meta[_META_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def load_checkpoint_bytes(
     data: bytes, *, source: str = "<bytes>", device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:

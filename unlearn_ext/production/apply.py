@@ -219,6 +219,29 @@ def check_gates(merged: MergedRequest, before: dict[str, float], after: dict[str
     return out
 
 
+def _lineage(record: dict | None) -> set[str]:
+    """Request ids a checkpoint record says were applied to it (its ``unlearn_history``)."""
+    history = ((record or {}).get("metadata") or {}).get("unlearn_history") or []
+    return {rid for entry in history if isinstance(entry, dict) for rid in entry.get("request_ids", [])}
+
+
+def _check_overwrite(output: Path, input_record: dict, overwrite: bool, all_done: bool, ids: list[str]) -> None:
+    """Refuse to replace ``output`` without ``overwrite``, or when it carries deletions other than this
+    run's ``ids`` that the input lacks (replacing it would bring forgotten data back)."""
+    if not output.exists() or all_done:
+        return
+    if not overwrite:
+        raise RequestError(f"{output} exists: pass overwrite=True (--overwrite) to replace it atomically")
+    from unlearn_ext.models.checkpoint import read_checkpoint_record
+
+    dropped = sorted(_lineage(read_checkpoint_record(output)) - _lineage(input_record) - set(ids))
+    if dropped:
+        raise RequestError(
+            f"{output} carries published deletion requests {dropped} that the input checkpoint does not; replacing "
+            "it would undo them: use that output as --checkpoint"
+        )
+
+
 def _history_entry(run_id: str, merged: MergedRequest, input_sha: str, after: dict) -> dict:
     return {
         "run_id": run_id,
@@ -301,8 +324,8 @@ def apply_requests(
     batches = split.batches(batch_size=batch_size, seed=merged.seed)
     audit_records = read_audit(audit)  # a damaged log is refused before anything is written
     already = published_runs(audit_records)
-    if output.exists() and not overwrite and not all(r.request_id in already for r in merged.requests):
-        raise RequestError(f"{output} exists: pass overwrite=True (--overwrite) to replace it atomically")
+    all_done = all(r.request_id in already for r in merged.requests)
+    _check_overwrite(output, record, overwrite, all_done, merged.request_ids)
     durations["load"] = time.perf_counter() - t0
 
     with OutputLock(output):
@@ -340,8 +363,7 @@ def apply_requests(
                 f"({[r.request_id for r in merged.requests if r.request_id not in where]}) must be applied to that "
                 "output, or in a run without them"
             )
-        if output.exists() and not overwrite:
-            raise RequestError(f"{output} exists: pass overwrite=True (--overwrite) to replace it atomically")
+        _check_overwrite(output, record, overwrite, False, merged.request_ids)  # again, under the lock
 
         try:
             _maybe_crash("loaded")
