@@ -124,6 +124,11 @@ def test_overwriting_an_output_that_carries_other_deletions_is_refused(checkpoin
     result = apply_requests(derived, [other], out, overwrite=True)  # derived from it: allowed
     history = load_checkpoint(out)[1]["metadata"]["unlearn_history"]
     assert result.status == "published" and [h["request_ids"] for h in history] == [["a"], ["b"]]
+    # A request already in the input's lineage is refused even with another audit log.
+    with pytest.raises(RequestError, match=r"\['a'\] were already applied to .*unlearn_history"):
+        apply_requests(out, [write(tmp_path / "a2.json", request("a"))], tmp_path / "x.safetensors",
+                       audit=tmp_path / "other-audit.jsonl")  # fmt: skip
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "other-audit.jsonl").exists()
 
 
 def test_failed_gate_publishes_nothing_and_exits_3(checkpoint, tmp_path, capsys):

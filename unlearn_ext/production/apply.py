@@ -318,6 +318,11 @@ def apply_requests(
     data = checkpoint.read_bytes()
     input_sha = hashlib.sha256(data).hexdigest()
     model, record = load_checkpoint_bytes(data, source=str(checkpoint), device=device)
+    in_lineage = sorted(set(merged.request_ids) & _lineage(record))
+    if in_lineage:
+        raise RequestError(
+            f"requests {in_lineage} were already applied to {checkpoint} (its unlearn_history): nothing to do for them"
+        )
     dataset, dataset_seed = _dataset_for(merged, record, str(checkpoint))
     _check_config(model, dataset, merged, str(checkpoint))
     split = _split(merged, dataset, model.config["num_classes"])
