@@ -161,6 +161,17 @@ def _summary_ms(values_s: list[float]) -> dict[str, float | int | None]:
     return {"n": len(values_s), "median_ms": 1e3 * statistics.median(values_s), "max_ms": 1e3 * max(values_s)}
 
 
+def _during_swaps(lat: list[float], lock_wait: list[float], bad: int, swaps: list[dict], keys) -> dict:
+    """One inference phase run while swapping: latency, lock wait, wrong outputs and the swaps' timings (ms)."""
+    return {
+        **_latency_ms(lat),
+        "lock_wait": _latency_ms(lock_wait),
+        "wrong_outputs": bad,
+        "swaps": len(swaps),
+        **{k: _summary_ms([sw[f"{k}_s"] for sw in swaps]) for k in keys},
+    }
+
+
 def _latency_ms(values_s: list[float]) -> dict[str, float | int | None]:
     if not values_s:
         return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
@@ -303,26 +314,13 @@ def _bench_model(name: str, repeats: int, duration_s: float) -> dict[str, Any]:
     lat, lock_wait, bad, during = _inference_under(
         served, forward, expected, duration_s, lambda i: swap_weights(live, states[i % 2])
     )
-    row["inference_during_swap"] = {
-        **_latency_ms(lat),
-        "lock_wait": _latency_ms(lock_wait),
-        "wrong_outputs": bad,
-        "swaps": len(during),
-        "pause": _summary_ms([s.pause_s for s in during]),
-        "wait": _summary_ms([s.wait_s for s in during]),
-        "total": _summary_ms([s.total_s for s in during]),
-    }
+    row["inference_during_swap"] = _during_swaps(
+        lat, lock_wait, bad, [vars(s) for s in during], ("pause", "wait", "total")
+    )
     lat, lock_wait, bad, during_naive = _inference_under(
         served, forward, expected, duration_s, lambda i: _naive_swap(live, states[i % 2])
     )
-    row["inference_during_naive"] = {
-        **_latency_ms(lat),
-        "lock_wait": _latency_ms(lock_wait),
-        "wrong_outputs": bad,
-        "swaps": len(during_naive),
-        "pause": _summary_ms([n["pause_s"] for n in during_naive]),
-        "wait": _summary_ms([n["wait_s"] for n in during_naive]),
-    }
+    row["inference_during_naive"] = _during_swaps(lat, lock_wait, bad, during_naive, ("pause", "wait"))
     wrong = sum(row[k]["wrong_outputs"] for k in ("inference_idle", "inference_during_swap", "inference_during_naive"))
     if wrong:
         raise SystemExit(f"{name}: {wrong} inference outputs equal neither A's nor B's (a torn model?)")
