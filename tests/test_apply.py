@@ -173,7 +173,11 @@ def test_apply_errors_are_clear_and_write_nothing(checkpoint, tmp_path):
         (request(dataset={"name": "mnist"}), RequestError, "trained on 'digits'"),
         (request(model={"arch": "cnn"}), RequestError, "expects model arch='cnn'"),
         (request(model={"hidden": 999}), RequestError, "hidden=999"),
-        (request(forget={"concept": "cat", "image": "cat.png"}), NotImplementedError, "multimodal checkpoint"),
+        (
+            request(forget={"concept": "cat", "image": "cat.png"}, method="siu", hparams={}, gates={}),
+            RequestError,
+            "classifier checkpoint: concept requests need a multimodal checkpoint",
+        ),
     ]
     for i, (obj, exc, pattern) in enumerate(cases):
         with pytest.raises(exc, match=pattern):

@@ -1,6 +1,7 @@
 """The ``unlearn`` command: ``demo`` (the main job), ``run`` (one method), ``apply`` (deletion requests on
-a deployed checkpoint: checkpoint in, verified checkpoint out, audit record), ``mmu`` (SIU and its
-baselines on the MiniMMU multimodal model) and ``info``.
+a deployed checkpoint: checkpoint in, verified checkpoint out, audit record; classifiers and, for
+concept requests, multimodal checkpoints), ``mmu`` (SIU and its baselines on the MiniMMU multimodal
+model), ``export-minimmu`` (MiniMMU as a deployable multimodal checkpoint) and ``info``.
 
 Exit codes: 0 done (or nothing to do), 2 bad input or an error, 3 ``apply`` rejected by a gate.
 """
@@ -129,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print the result as JSON")
     apply.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    export = sub.add_parser(
+        "export-minimmu",
+        help="write the MiniMMU multimodal model as one self-contained checkpoint (for concept requests)",
+        description="Build (or take from the cache) the MiniMMU model and write it, with its tokenizer, as a "
+        "safetensors checkpoint that `unlearn apply` takes concept requests for; optionally write test-split "
+        "digit images to file requests with.",
+    )
+    export.add_argument("--out", type=Path, required=True, help="output .safetensors")
+    export.add_argument("--images", type=Path, help="folder for digit<d>_<k>.png test images")
+    export.add_argument("--per-digit", type=int, default=3, help="images per digit with --images (default 3)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     info = sub.add_parser("info", help="versions, build and the backends usable on each device")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
@@ -221,11 +234,35 @@ def _apply(args) -> int:
         console.print("no acceptance gates in the requests: the result is published unchecked")
     before, after = result.metrics_before, result.metrics_after
     console.print("  ".join(f"{k} {100 * before[k]:.1f} -> {100 * after[k]:.1f}%" for k in after if k in before))
+    if result.details:
+        answers_after = result.details["after"].get("forget_image_answers", {})
+        for question, answer in result.details["before"].get("forget_image_answers", {}).items():
+            console.print(f"  {question!r}: {answer!r} -> {answers_after.get(question)!r}", markup=False)
     if result.status == "rejected":
         print(f"unlearn apply: rejected: gate(s) {', '.join(result.failed_gates)} failed; nothing was published "
               f"(audit: {result.audit})", file=sys.stderr)  # fmt: skip
         return 3
     console.print(f"published {result.output} (sha256 {result.output_sha256[:12]}...) for {ids}; audit: {result.audit}")
+    return 0
+
+
+def _export_minimmu(args) -> int:
+    from unlearn_ext._progress import progress_session
+    from unlearn_ext.siu.checkpoint import export_minimmu
+
+    if args.per_digit < 1:
+        print("unlearn export-minimmu: error: --per-digit must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        with progress_session(not args.no_progress):
+            out = export_minimmu(args.out, images=args.images, per_digit=args.per_digit, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as e:
+        print(f"unlearn export-minimmu: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {out['checkpoint']} ({out['bytes'] / 2**20:.1f} MiB)"
+        + (f" and {len(out['images'])} images in {args.images}" if out["images"] else "")
+    )
     return 0
 
 
@@ -241,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return _mmu(args)
     if args.command == "apply":
         return _apply(args)
+    if args.command == "export-minimmu":
+        return _export_minimmu(args)
 
     from unlearn_ext.experiment import ExperimentSpec
     from unlearn_ext.methods import method_class

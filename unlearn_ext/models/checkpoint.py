@@ -178,6 +178,11 @@ def load_checkpoint_bytes(
         record = json.loads(meta[_META_KEY])
         config = dict(record["config"])
         arch = config.pop("arch")
+        if arch == "minillava":
+            raise ValueError(
+                f"{path} is a multimodal (MiniLlava) checkpoint, not a classifier: load it with "
+                "unlearn_ext.siu.checkpoint.load_multimodal_checkpoint"
+            )
         input_shape = tuple(config.pop("input_shape"))
         num_classes = config.pop("num_classes")
     except (KeyError, TypeError, json.JSONDecodeError) as e:

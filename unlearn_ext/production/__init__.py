@@ -1,7 +1,7 @@
 """Production unlearning: deletion requests applied to deployed checkpoints (``unlearn apply``), with
 acceptance gates, atomic publication, an append-only audit log and a crash-safe output lock."""
 
-from unlearn_ext.production.apply import ApplyResult, apply_requests, check_gates
+from unlearn_ext.production.apply import ApplyResult, apply_requests
 from unlearn_ext.production.audit import AuditError, read_audit, sha256_file
 from unlearn_ext.production.lock import LockedError, OutputLock
 from unlearn_ext.production.request import (
@@ -22,7 +22,6 @@ __all__ = [
     "OutputLock",
     "RequestError",
     "apply_requests",
-    "check_gates",
     "load_requests",
     "merge_requests",
     "parse_request",

@@ -1,14 +1,17 @@
 """``unlearn apply``: deletion requests on a deployed checkpoint, checkpoint in, verified checkpoint out.
 
-One run, under an exclusive lock on the output path:
+Two kinds of checkpoint, one flow: a classifier (class and sample requests,
+:mod:`unlearn_ext.production.classifier`) or a multimodal model with its tokenizer (concept requests,
+:mod:`unlearn_ext.production.concept`). The kind comes from the checkpoint's record.
 
-1. take the lock; close intents a crashed run left open (``published`` if the intent's file is
-   in place, else ``aborted``) and delete temporary files such a run left beside the output;
-2. requests already published: all of them is a no-op that reports the earlier run; some of them is an
+1. before anything is written (so bad input creates no file): load the input checkpoint from one
+   read of its bytes (hashed), check it against the requests (config, dataset, classes, sample ids,
+   images), read the audit log;
+2. take an exclusive lock on the output path; close intents a crashed run left open (``published``
+   if the intent's file is in place, else ``aborted``) and delete temporary files such a run left
+   beside the output;
+3. requests already published: all of them is a no-op that reports the earlier run; some of them is an
    error (the input would lack the earlier deletions); the same id with other content is an error;
-0. (before anything is written, so bad input creates no file) load the input checkpoint from one read
-   of its bytes (hashed), check its config against the dataset and the requests' expectations, build
-   the forget / retain split, read the audit log;
 4. evaluate, unlearn, evaluate again, check the acceptance gates; a failed gate publishes nothing,
    records ``rejected`` and returns (the CLI exits 3);
 5. serialise the new checkpoint, check it loads back identical, append an ``intent`` record (with
@@ -23,6 +26,7 @@ environment variable ``UNLEARN_EXT_APPLY_CRASH_AT`` names the step, for those te
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import signal
@@ -35,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from unlearn_ext.production.audit import (
     append_audit,
@@ -50,15 +53,6 @@ from unlearn_ext.production.request import DeletionRequest, MergedRequest, Reque
 CRASH_ENV = "UNLEARN_EXT_APPLY_CRASH_AT"
 CRASH_POINTS = ("locked", "loaded", "unlearned", "intent", "temp_written", "replaced", "published")
 AUDIT_NAME = "unlearn-audit.jsonl"
-#: Metrics recorded before and after (fractions in [0, 1]).
-RECORDED_METRICS = (
-    "forget_acc",
-    "retain_acc",
-    "test_acc",
-    "forget_class_test_acc",
-    "retain_class_test_acc",
-    "mia",
-)
 
 
 @dataclass
@@ -83,6 +77,9 @@ class ApplyResult:
     durations: dict[str, float] = field(default_factory=dict)
     earlier: dict[str, Any] | None = None
     recovered: list[dict[str, Any]] = field(default_factory=list)
+    #: Concept requests: ``{"before": {...}, "after": {...}}`` with the greedy answers to the identity
+    #: prompts about the forget image (``forget_image_answers``).
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed_gates(self) -> list[str]:
@@ -138,85 +135,22 @@ def _recover(audit: Path, output: Path) -> list[dict[str, Any]]:
     return closed
 
 
-def _dataset_for(merged: MergedRequest, record: dict, source: str):
-    from unlearn_ext.data import load_dataset
+def _make_job(merged: MergedRequest, data: bytes, source: str, device, batch_size: int):
+    """The job for this checkpoint's kind: a multimodal checkpoint (concept requests) or a classifier
+    (class and sample requests); a request of the other kind is a RequestError."""
+    from unlearn_ext.models.checkpoint import _META_KEY, _safetensors_metadata
+    from unlearn_ext.production.classifier import ClassifierJob
+    from unlearn_ext.siu.checkpoint import is_multimodal_record
 
-    meta = record.get("metadata") or {}
-    recorded = meta.get("dataset") or (meta.get("key") or {}).get("dataset") or {}
-    name = merged.dataset or recorded.get("name")
-    if name is None:
-        raise RequestError(
-            f"{source} does not record its training dataset: say which in the request "
-            '("dataset": {"name": "mnist", "seed": 0})'
-        )
-    if recorded.get("name") not in (None, name):
-        raise RequestError(f"the request names dataset {name!r} but {source} was trained on {recorded['name']!r}")
-    seed = merged.dataset_seed
-    recorded_seed = recorded.get("seed", recorded.get("split_seed"))
-    if seed is not None and recorded_seed is not None and seed != recorded_seed:
-        raise RequestError(f"the request's dataset seed {seed} differs from the checkpoint's ({recorded_seed})")
-    seed = seed if seed is not None else (recorded_seed if recorded_seed is not None else 0)
-    return load_dataset(name, seed=seed), seed
-
-
-def _check_config(model: nn.Module, dataset, merged: MergedRequest, source: str) -> None:
-    config = model.config
-    if tuple(config["input_shape"]) != tuple(dataset.input_shape) or config["num_classes"] != dataset.num_classes:
-        raise RequestError(
-            f"{source}'s config (input {list(config['input_shape'])}, {config['num_classes']} classes) does not match "
-            f"dataset {dataset.name!r} (input {list(dataset.input_shape)}, {dataset.num_classes} classes)"
-        )
-    for key, expected in merged.model.items():
-        if key not in config:
-            raise RequestError(f"the request expects model {key}={expected!r}, but {source}'s config has no {key!r}")
-        got = config[key]
-        if (list(got) if isinstance(got, tuple) else got) != expected:
-            raise RequestError(f"the request expects model {key}={expected!r}, but {source} has {key}={got!r}")
-
-
-def _split(merged: MergedRequest, dataset, num_classes: int):
-    from unlearn_ext.data import forget_split_from_ids, make_forget_split
-
-    if merged.kind == "concept":
-        raise NotImplementedError(
-            "concept requests (forget a visual concept from one image) need a multimodal checkpoint; `unlearn apply` "
-            "handles classifier checkpoints (forget.classes, forget.sample_ids) so far: run SIU through "
-            "unlearn_ext.siu.unlearn_concept or `unlearn mmu`"
-        )
     try:
-        if merged.kind == "classes":
-            unknown = [c for c in merged.classes or () if c >= num_classes]
-            if unknown:
-                raise ValueError(f"unknown class(es) {unknown}: the model has classes 0..{num_classes - 1}")
-            return make_forget_split(dataset, classes=merged.classes, seed=merged.seed)
-        return forget_split_from_ids(dataset, merged.sample_ids or (), seed=merged.seed)
-    except ValueError as e:
-        raise RequestError(f"requests {merged.request_ids}: {e}") from e
+        record = json.loads(_safetensors_metadata(data)[_META_KEY])
+    except (ValueError, KeyError, TypeError):
+        record = None  # the classifier loader reports what is wrong with the file
+    if is_multimodal_record(record):
+        from unlearn_ext.production.concept import ConceptJob
 
-
-def _metrics(model: nn.Module, splits: dict, original: nn.Module | None, seed: int) -> dict[str, float]:
-    from unlearn_ext.eval import evaluate
-
-    out = evaluate(model, splits, original=original, seed=seed)
-    return {k: float(out[k]) for k in RECORDED_METRICS if k in out}
-
-
-def check_gates(merged: MergedRequest, before: dict[str, float], after: dict[str, float]) -> dict[str, dict]:
-    """``{gate: {"value", "limit", "pass", "metric"}}`` for each gate of the merged request."""
-    kept = "retain_class_test_acc" if merged.kind == "classes" else "test_acc"
-    rules = {
-        "max_forget_acc": ("forget_acc after", lambda: after["forget_acc"]),
-        "max_forget_class_test_acc": ("forget_class_test_acc after", lambda: after["forget_class_test_acc"]),
-        "max_retain_drop": ("retain_acc before - after", lambda: before["retain_acc"] - after["retain_acc"]),
-        "max_test_drop": (f"{kept} before - after", lambda: before[kept] - after[kept]),
-        "max_mia": ("mia after", lambda: after["mia"]),
-    }
-    out = {}
-    for name, limit in merged.gates.items():
-        metric, value = rules[name]
-        v = float(value())
-        out[name] = {"metric": metric, "value": v, "limit": limit, "pass": bool(v <= limit + 1e-12)}
-    return out
+        return ConceptJob(merged, data, source, device=device)
+    return ClassifierJob(merged, data, source, device=device, batch_size=batch_size)
 
 
 def _lineage(record: dict | None) -> set[str]:
@@ -242,21 +176,16 @@ def _check_overwrite(output: Path, input_record: dict, overwrite: bool, all_done
         )
 
 
-def _history_entry(run_id: str, merged: MergedRequest, input_sha: str, after: dict) -> dict:
+def _history_entry(run_id: str, merged: MergedRequest, forget: dict, input_sha: str, after: dict) -> dict:
     return {
         "run_id": run_id,
         "request_ids": merged.request_ids,
         "method": merged.method,
         "hparams": dict(merged.hparams),
-        "forget": {"kind": merged.kind, "classes": merged.classes, "num_sample_ids": len(merged.sample_ids or ())},
+        "forget": forget,
         "input_sha256": input_sha,
         "metrics_after": after,
     }
-
-
-def _same_state(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 def apply_requests(
@@ -288,12 +217,12 @@ def apply_requests(
         RequestError: invalid or unmergeable requests, requests already applied elsewhere, an id re-filed
             with other content, a config that does not match, an unknown class or sample id,
             ``output`` = ``checkpoint``, an existing ``output`` without ``overwrite``.
+            A concept request on a classifier checkpoint or a class / sample request on a multimodal
+            one; a missing or unreadable image of a concept request.
         ValueError: a corrupt or truncated checkpoint, a method that cannot run on this forget set.
         LockedError: another apply holds the output's lock.
-        NotImplementedError: concept requests (multimodal checkpoints).
     """
-    from unlearn_ext.methods import get_method
-    from unlearn_ext.models.checkpoint import atomic_write_bytes, checkpoint_bytes, load_checkpoint_bytes
+    from unlearn_ext.models.checkpoint import atomic_write_bytes
 
     checkpoint, output = Path(checkpoint), Path(output)
     audit = Path(audit) if audit is not None else output.parent / AUDIT_NAME
@@ -317,18 +246,19 @@ def apply_requests(
     t0 = time.perf_counter()
     data = checkpoint.read_bytes()
     input_sha = hashlib.sha256(data).hexdigest()
-    model, record = load_checkpoint_bytes(data, source=str(checkpoint), device=device)
+    job = _make_job(merged, data, str(checkpoint), device, batch_size)
+    model, record = job.model, job.record
     in_lineage = sorted(set(merged.request_ids) & _lineage(record))
     if in_lineage:
         raise RequestError(
             f"requests {in_lineage} were already applied to {checkpoint} (its unlearn_history): nothing to do for them"
         )
-    dataset, dataset_seed = _dataset_for(merged, record, str(checkpoint))
-    _check_config(model, dataset, merged, str(checkpoint))
-    split = _split(merged, dataset, model.config["num_classes"])
-    batches = split.batches(batch_size=batch_size, seed=merged.seed)
     audit_records = read_audit(audit)  # a damaged log is refused before anything is written
-    already = published_runs(audit_records)
+    already = set(published_runs(audit_records))
+    on_disk = sha256_file(output) if output.exists() else None
+    for intent in pending_intents(audit_records, str(output)):  # a run that died after its rename
+        if on_disk is not None and intent.get("output", {}).get("sha256") == on_disk:
+            already.update(intent.get("request_ids", []))
     all_done = all(r.request_id in already for r in merged.requests)
     _check_overwrite(output, record, overwrite, all_done, merged.request_ids)
     durations["load"] = time.perf_counter() - t0
@@ -374,20 +304,19 @@ def apply_requests(
             _maybe_crash("loaded")
             stage = "evaluate before"
             t0 = time.perf_counter()
-            before = _metrics(model, batches, None, merged.seed)
+            before, before_details = job.evaluate(model, None)
             durations["evaluate_before"] = time.perf_counter() - t0
 
             stage = "unlearn"
             t0 = time.perf_counter()
-            method = get_method(merged.method, seed=merged.seed, progress=progress, **merged.hparams)
-            unlearned = method.unlearn(model, batches["forget"], batches["retain"])
+            unlearned = job.unlearn(progress)
             durations["unlearn"] = time.perf_counter() - t0
             _maybe_crash("unlearned")
 
             stage = "evaluate after"
             t0 = time.perf_counter()
-            after = _metrics(unlearned, batches, model, merged.seed)
-            gates = check_gates(merged, before, after)
+            after, after_details = job.evaluate(unlearned, model)
+            gates = job.gates(before, after)
             durations["evaluate_after"] = time.perf_counter() - t0
         except BaseException as e:
             if isinstance(e, Exception):
@@ -402,17 +331,18 @@ def apply_requests(
             "method": merged.method,
             "hparams": dict(merged.hparams),
             "seed": merged.seed,
-            "forget": {**split.describe(), "sample_ids": list(merged.sample_ids) if merged.sample_ids else None},
-            "dataset": {"name": dataset.name, "seed": dataset_seed},
+            **job.describe(),
             "metrics_before": before,
             "metrics_after": after,
+            **({"details_before": before_details, "details_after": after_details} if before_details else {}),
             "gates": gates,
-            "method_log_tail": method.log[-3:],
+            "method_log_tail": job.log_tail(),
             "versions": _versions(),
         }
         result = ApplyResult(
             "rejected", run_id, merged.request_ids, output, audit, input_sha256=input_sha, metrics_before=before,
             metrics_after=after, gates=gates, durations=durations, recovered=recovered,
+            details={"before": before_details, "after": after_details} if before_details else {},
         )  # fmt: skip
         if result.failed_gates:
             rejected = {"failed_gates": result.failed_gates, "durations_s": durations}
@@ -421,12 +351,9 @@ def apply_requests(
 
         t0 = time.perf_counter()
         meta = dict(record.get("metadata") or {})
-        meta["dataset"] = {"name": dataset.name, "seed": dataset_seed}
-        meta["unlearn_history"] = [*meta.get("unlearn_history", []), _history_entry(run_id, merged, input_sha, after)]
-        blob = checkpoint_bytes(unlearned.cpu(), metadata=meta)
-        reloaded, _ = load_checkpoint_bytes(blob, source="the new checkpoint")
-        if not _same_state(reloaded, unlearned):
-            raise RuntimeError("the serialised checkpoint does not load back identical; nothing was published")
+        entry = _history_entry(run_id, merged, job.history_forget(), input_sha, after)
+        meta["unlearn_history"] = [*meta.get("unlearn_history", []), entry]
+        blob = job.serialise(unlearned, meta)
         out_sha = hashlib.sha256(blob).hexdigest()
         durations["serialise"] = time.perf_counter() - t0
         summary["output"] = {"path": str(output), "sha256": out_sha, "bytes": len(blob)}

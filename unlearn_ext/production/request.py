@@ -4,8 +4,7 @@ A request file holds one request object or a list of them::
 
     {
       "request_id": "gdpr-2026-0042",
-      "forget": {"classes": [3]},                      # or {"sample_ids": [12, 408]}, or
-                                                       #    {"concept": "cat", "image": "cat.png"}
+      "forget": {"classes": [3]},                      # or {"sample_ids": [12, 408]}, or a concept
       "dataset": {"name": "mnist", "seed": 0},         # the data the checkpoint was trained on
       "method": "mnemonic",
       "hparams": {},                                   # the method's hyperparameters
@@ -13,7 +12,8 @@ A request file holds one request object or a list of them::
       "gates": {"max_forget_acc": 0.05, "max_retain_drop": 0.03}
     }
 
-Gates (all optional, fractions in [0, 1]; a merged run takes the strictest of each):
+Gates of class and sample requests (all optional, fractions in [0, 1]; a merged run takes the
+strictest of each):
 
 * ``max_forget_acc``: accuracy on the forgotten training samples after unlearning;
 * ``max_forget_class_test_acc``: accuracy on the forgotten classes' test images (class requests);
@@ -21,6 +21,37 @@ Gates (all optional, fractions in [0, 1]; a merged run takes the strictest of ea
 * ``max_test_drop``: test accuracy before minus after (for class requests, on the kept classes' test
   images: forgetting a class must lower accuracy on that class);
 * ``max_mia``: entropy membership-inference rate on the forget set after unlearning.
+
+A concept request forgets a visual concept from a multimodal checkpoint
+(:mod:`unlearn_ext.siu.checkpoint`) with SIU or a baseline of its setting (``siu``, ``ga``,
+``ga_kl``, ``po``; ``hparams`` are :class:`unlearn_ext.siu.train.FinetuneConfig` fields). Image
+paths are relative to the request file's folder::
+
+    {
+      "request_id": "takedown-17",
+      "forget": {
+        "concept": "seven", "image": "digit7_0.png",   # the concept's name in answers; one image of it
+        "kind": "digit", "fictitious_name": "Zorblat", # optional: ConceptRequest's text fields
+        "counterfactual_description": "...", "facts": ["Seven is odd."],
+        "other_concepts": {"Is three odd?": "Yes, three is odd."},
+        "identity_prompts": ["Which digit is this?"], "identity_answer": "This is the digit {concept}.",
+        "refusal": "I cannot tell.",
+        "retain_images": [{"image": "digit3_0.png", "question": "Which digit is this?",
+                           "answer": "This is the digit three."}]           # SIU's image type-4 data
+      },
+      "checks": {                                      # what the gates measure, besides the forget image
+        "held_out_images": ["digit7_1.png"],           # other images of the concept
+        "retain": [{"image": "digit3_1.png", "question": "Which digit is this?", "expect": "three"},
+                   {"question": "How many days are in a week?", "expect": ["seven", "7"]}]
+      },
+      "method": "siu", "hparams": {"steps": 24, "lr": 0.001, "lora_rank": 16},
+      "gates": {"max_forget_hit_rate": 0.0, "max_held_out_hit_rate": 0.5, "max_retain_drop": 0.2}
+    }
+
+Concept gates: ``max_forget_hit_rate`` (the share of the identity prompts on the forget image whose
+greedy answer names the concept, after), ``max_held_out_hit_rate`` (the same on
+``checks.held_out_images``), ``max_retain_drop`` (the share of ``checks.retain`` answered with an
+expected word as a whole word, before minus after).
 """
 
 from __future__ import annotations
@@ -37,9 +68,27 @@ from typing import Any
 
 from unlearn_ext.data.datasets import DATASETS
 
-REQUEST_KEYS = frozenset({"request_id", "forget", "dataset", "method", "hparams", "seed", "gates", "model", "note"})
+REQUEST_KEYS = frozenset(
+    {"request_id", "forget", "dataset", "checks", "method", "hparams", "seed", "gates", "model", "note"}
+)
 FORGET_KINDS = ("classes", "sample_ids", "concept")
-GATE_KEYS = ("max_forget_acc", "max_forget_class_test_acc", "max_retain_drop", "max_test_drop", "max_mia")
+CLASSIFIER_GATES = ("max_forget_acc", "max_forget_class_test_acc", "max_retain_drop", "max_test_drop", "max_mia")
+CONCEPT_GATES = ("max_forget_hit_rate", "max_held_out_hit_rate", "max_retain_drop")
+GATE_KEYS = tuple(dict.fromkeys(CLASSIFIER_GATES + CONCEPT_GATES))
+#: The optional text fields of a concept's ``forget`` object (:class:`unlearn_ext.siu.ConceptRequest`).
+CONCEPT_TEXT_KEYS = {
+    "kind": "str",
+    "fictitious_name": "str",
+    "counterfactual_description": "str",
+    "facts": "list",
+    "other_concepts": "dict",
+    "identity_prompts": "list",
+    "identity_answer": "str|list",
+    "recognition_prompts": "list",
+    "refusal": "str",
+}
+#: FinetuneConfig fields a request may not set (the request's method and seed set them; one process).
+_FIXED_FINETUNE_FIELDS = frozenset({"objective", "seed", "distributed"})
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
 
@@ -66,6 +115,7 @@ class DeletionRequest:
     model: Mapping[str, Any]
     digest: str
     source: str = ""
+    checks: Mapping[str, Any] | None = None  # concept requests: held_out_images, retain
 
 
 @dataclass(frozen=True)
@@ -83,6 +133,8 @@ class MergedRequest:
     seed: int
     gates: Mapping[str, float]
     model: Mapping[str, Any] = field(default_factory=dict)
+    concept: Mapping[str, Any] | None = None
+    checks: Mapping[str, Any] | None = None
 
     @property
     def request_ids(self) -> list[str]:
@@ -117,14 +169,126 @@ def canonical_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _method_hparams(method: str, kind: str, where: str) -> set[str]:
+    """The hyperparameter names ``method`` takes for a request of ``kind`` (raises for an unknown method)."""
+    import dataclasses
+
+    if kind == "concept":
+        from unlearn_ext.siu.api import CONCEPT_METHODS
+        from unlearn_ext.siu.train import FinetuneConfig
+
+        if method not in CONCEPT_METHODS:
+            raise RequestError(
+                f"{where} unknown concept-unlearning method {method!r}; concept requests take {list(CONCEPT_METHODS)}"
+            )
+        return {f.name for f in dataclasses.fields(FinetuneConfig)} - _FIXED_FINETUNE_FIELDS
+    from unlearn_ext.methods import method_class
+
+    try:
+        cls = method_class(method)
+    except (ValueError, NotImplementedError) as e:
+        raise RequestError(f"{where} {e}") from e
+    return {f.name for f in dataclasses.fields(cls) if f.init} - {"seed", "inplace", "progress"}
+
+
+def _str(value: Any, what: str, where: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise RequestError(f"{where} {what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, what: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise RequestError(f"{where} {what} must be a non-empty JSON list of strings, got {value!r}")
+    return [_str(v, f"{what} entry", where) for v in value]
+
+
+def _path(value: Any, what: str, where: str, base_dir: Path) -> str:
+    p = Path(_str(value, what, where))
+    return str(p if p.is_absolute() else base_dir / p)
+
+
+def _parse_concept(forget: Mapping, where: str, base_dir: Path) -> dict[str, Any]:
+    """The validated ``forget`` object of a concept request, image paths made absolute."""
+    out: dict[str, Any] = {"concept": _str(forget["concept"], "forget.concept", where)}
+    if "image" not in forget:
+        raise RequestError(f"{where} forget.concept needs forget.image: the path of one image of the concept")
+    out["image"] = _path(forget["image"], "forget.image", where, base_dir)
+    for key, kind in CONCEPT_TEXT_KEYS.items():
+        if key not in forget:
+            continue
+        v, what = forget[key], f"forget.{key}"
+        if kind == "str":
+            out[key] = _str(v, what, where, empty=key == "counterfactual_description")
+        elif kind == "list":
+            out[key] = _str_list(v, what, where)
+        elif kind == "str|list":
+            out[key] = _str(v, what, where) if isinstance(v, str) else _str_list(v, what, where)
+        else:
+            if not isinstance(v, Mapping) or not all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()):
+                raise RequestError(f"{where} {what} must be an object of question: answer strings")
+            out[key] = dict(v)
+    retain = forget.get("retain_images", [])
+    if not isinstance(retain, list):
+        raise RequestError(f"{where} forget.retain_images must be a list of {{image, question, answer}} objects")
+    out["retain_images"] = []
+    for i, entry in enumerate(retain):
+        what = f"forget.retain_images[{i}]"
+        if not isinstance(entry, Mapping) or set(entry) != {"image", "question", "answer"}:
+            raise RequestError(f"{where} {what} must be an object with exactly image, question and answer")
+        out["retain_images"].append(
+            {
+                "image": _path(entry["image"], f"{what}.image", where, base_dir),
+                "question": _str(entry["question"], f"{what}.question", where),
+                "answer": _str(entry["answer"], f"{what}.answer", where),
+            }
+        )
+    return out
+
+
+def _parse_checks(checks: Any, where: str, base_dir: Path) -> dict[str, Any]:
+    """The validated ``checks`` object of a concept request (held-out images, retain questions)."""
+    if not isinstance(checks, Mapping) or set(checks) - {"held_out_images", "retain"}:
+        raise RequestError(f"{where} checks must be an object with held_out_images and/or retain, got {checks!r}")
+    held = checks.get("held_out_images", [])
+    if not isinstance(held, list):
+        raise RequestError(f"{where} checks.held_out_images must be a list of image paths")
+    out: dict[str, Any] = {
+        "held_out_images": [_path(p, f"checks.held_out_images[{i}]", where, base_dir) for i, p in enumerate(held)],
+        "retain": [],
+    }
+    retain = checks.get("retain", [])
+    if not isinstance(retain, list):
+        raise RequestError(f"{where} checks.retain must be a list of {{image?, question, expect}} objects")
+    for i, entry in enumerate(retain):
+        what = f"checks.retain[{i}]"
+        keys = set(entry) if isinstance(entry, Mapping) else set()
+        if not isinstance(entry, Mapping) or not {"question", "expect"} <= keys <= {"image", "question", "expect"}:
+            raise RequestError(f"{where} {what} must be an object with question, expect and optionally image")
+        expect = entry["expect"]
+        expect = [expect] if isinstance(expect, str) else expect
+        expect = _str_list(expect, f"{what}.expect", where)
+        out["retain"].append(
+            {
+                "image": _path(entry["image"], f"{what}.image", where, base_dir) if "image" in entry else None,
+                "question": _str(entry["question"], f"{what}.question", where),
+                "expect": expect,
+            }
+        )
+    return out
+
+
 def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
     """Validate one request object (a dict decoded from JSON).
 
+    ``source``: the request file (image paths of concept requests are relative to its folder;
+    to the working directory when empty).
+
     Raises:
         RequestError: a missing or unknown key, a wrong type, an invalid id, an empty or ambiguous
-            forget set, an unknown dataset or method, unknown hyperparameters, a gate outside [0, 1].
+            forget set, an unknown dataset or method, unknown hyperparameters, a gate outside [0, 1]
+            or one that does not fit the request's kind.
     """
-    from unlearn_ext.methods import method_class
 
     if not isinstance(obj, Mapping):
         raise RequestError(f"{_where(source)} a request must be a JSON object, got {type(obj).__name__}")
@@ -146,26 +310,29 @@ def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
     if not isinstance(forget, Mapping):
         raise RequestError(f"{where} forget must be an object with one of {list(FORGET_KINDS)}")
     kinds = [k for k in FORGET_KINDS if k in forget]
-    extra = sorted(set(forget) - set(FORGET_KINDS) - {"image"})
-    if len(kinds) != 1 or extra:
+    if len(kinds) != 1:
         raise RequestError(f"{where} forget must have exactly one of {list(FORGET_KINDS)}, got keys {sorted(forget)}")
     kind = kinds[0]
-    classes = sample_ids = concept = None
+    allowed = {kind} | ({"image", "retain_images", *CONCEPT_TEXT_KEYS} if kind == "concept" else set())
+    extra = sorted(set(forget) - allowed)
+    if extra:
+        hint = " (they go with forget.concept)" if set(extra) & {"image", "retain_images", *CONCEPT_TEXT_KEYS} else ""
+        raise RequestError(f"{where} forget has unknown or misplaced key(s) {extra}{hint}")
+    classes = sample_ids = concept = checks = None
+    base_dir = Path(source).parent if source else Path.cwd()
     if kind == "classes":
         classes = tuple(sorted(set(_int_list(forget["classes"], "forget.classes", where))))
     elif kind == "sample_ids":
         sample_ids = tuple(sorted(set(_int_list(forget["sample_ids"], "forget.sample_ids", where))))
     else:
-        name, image = forget.get("concept"), forget.get("image")
-        if not isinstance(name, str) or not name.strip():
-            raise RequestError(f"{where} forget.concept must be a non-empty string (the concept's name)")
-        if not isinstance(image, str) or not image:
-            raise RequestError(f"{where} forget.concept needs forget.image: the path of one image of the concept")
-        concept = {"concept": name, "image": image}
-    if "image" in forget and kind != "concept":
-        raise RequestError(f"{where} forget.image only goes with forget.concept")
+        concept = _parse_concept(forget, where, base_dir)
+        checks = _parse_checks(obj.get("checks", {}), where, base_dir)
+    if "checks" in obj and kind != "concept":
+        raise RequestError(f"{where} checks only go with forget.concept (class and sample requests use the dataset)")
 
     dataset = dataset_seed = None
+    if "dataset" in obj and kind == "concept":
+        raise RequestError(f"{where} a concept request takes its images from forget and checks, not a dataset")
     if "dataset" in obj:
         ds = obj["dataset"]
         if isinstance(ds, str):
@@ -183,16 +350,10 @@ def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
     method = obj["method"]
     if not isinstance(method, str):
         raise RequestError(f"{where} method must be a string, got {method!r}")
-    try:
-        cls = method_class(method)
-    except (ValueError, NotImplementedError) as e:
-        raise RequestError(f"{where} {e}") from e
     hparams = obj.get("hparams", {})
     if not isinstance(hparams, Mapping):
         raise RequestError(f"{where} hparams must be an object of hyperparameter: value")
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(cls) if f.init} - {"seed", "inplace", "progress"}
+    known = _method_hparams(method, kind, where)
     bad = sorted(set(hparams) - known)
     if bad:
         raise RequestError(f"{where} method {method!r} has no hyperparameter(s) {bad}; it takes {sorted(known)}")
@@ -206,9 +367,13 @@ def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
     gates_obj = obj.get("gates", {})
     if not isinstance(gates_obj, Mapping):
         raise RequestError(f"{where} gates must be an object, got {type(gates_obj).__name__}")
-    bad = sorted(set(gates_obj) - set(GATE_KEYS))
+    kind_gates = CONCEPT_GATES if kind == "concept" else CLASSIFIER_GATES
+    bad = sorted(set(gates_obj) - set(kind_gates))
     if bad:
-        raise RequestError(f"{where} unknown gate(s) {bad}; gates are {list(GATE_KEYS)}")
+        what = "concept" if kind == "concept" else "class and sample"
+        raise RequestError(
+            f"{where} unknown gate(s) {bad} for a {kind} request; {what} requests have {list(kind_gates)}"
+        )
     gates = {}
     for k, v in gates_obj.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
@@ -216,6 +381,10 @@ def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
         gates[k] = float(v)
     if "max_forget_class_test_acc" in gates and kind != "classes":
         raise RequestError(f"{where} gate max_forget_class_test_acc needs a class request (forget.classes)")
+    if kind == "concept":
+        for gate, check in (("max_held_out_hit_rate", "held_out_images"), ("max_retain_drop", "retain")):
+            if gate in gates and not checks.get(check):
+                raise RequestError(f"{where} gate {gate} needs checks.{check} (what it measures)")
 
     model = obj.get("model", {})
     if not isinstance(model, Mapping):
@@ -226,7 +395,7 @@ def parse_request(obj: Any, *, source: str = "") -> DeletionRequest:
     return DeletionRequest(
         request_id=rid, kind=kind, classes=classes, sample_ids=sample_ids, concept=concept, dataset=dataset,
         dataset_seed=dataset_seed, method=method, hparams=dict(hparams), seed=seed, gates=gates, model=dict(model),
-        digest=canonical_digest(dict(obj)), source=source,
+        digest=canonical_digest(dict(obj)), source=source, checks=checks,
     )  # fmt: skip
 
 
@@ -301,5 +470,6 @@ def merge_requests(requests: Sequence[DeletionRequest]) -> MergedRequest:
     return MergedRequest(
         requests=tuple(requests), kind=first.kind, classes=classes, sample_ids=sample_ids,
         dataset=next(iter(datasets), None), dataset_seed=next(iter(seeds), None), method=first.method,
-        hparams=dict(first.hparams), seed=first.seed, gates=gates, model=dict(first.model),
+        hparams=dict(first.hparams), seed=first.seed, gates=gates, model=dict(first.model), concept=first.concept,
+        checks=first.checks,
     )  # fmt: skip
