@@ -298,3 +298,22 @@ def test_sigkill_while_publishing_a_concept_request(deployed, tmp_path, crash_at
     assert len(published) == 1 and sha256_file(out) == published[0]["output"]["sha256"]
     assert bool(published[0].get("recovered")) == (crash_at == "replaced")
     assert not list(tmp_path.glob(".*.tmp")) and sha256_file(path) == input_sha
+
+
+def test_export_minimmu_writes_a_deployable_checkpoint_and_images(deployed, smollm2_tokenizer, mnist, tmp_path):
+    from unlearn_ext.siu.checkpoint import export_minimmu, load_image, load_multimodal_checkpoint
+    from unlearn_ext.siu.minimmu import IMAGE_QA
+
+    _, _, model = deployed
+    out = export_minimmu(
+        tmp_path / "mmu.safetensors", images=tmp_path / "imgs", per_digit=2,
+        built=(model, smollm2_tokenizer, mnist, {"cached": True}),
+    )  # fmt: skip
+    assert len(out["images"]) == 20 and out["bytes"] == (tmp_path / "mmu.safetensors").stat().st_size
+    loaded, _, record = load_multimodal_checkpoint(tmp_path / "mmu.safetensors")
+    assert record["concept_defaults"]["identity_prompts"] == [q for q, _ in IMAGE_QA]
+    assert record["metadata"]["dataset"] == {"name": "mnist", "seed": 0}
+    second_three = (mnist.y_test == 3).nonzero().flatten()[1]
+    assert torch.allclose(load_image(tmp_path / "imgs" / "digit3_1.png", record), mnist.x_test[second_three], atol=1e-5)
+    assert cli_main(["export-minimmu", "--out", str(tmp_path / "x.safetensors"), "--per-digit", "0"]) == 2
+    assert not (tmp_path / "x.safetensors").exists()

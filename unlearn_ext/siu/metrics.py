@@ -74,12 +74,14 @@ def answer_accuracy(
 
 
 def _logprobs(model, samples: Sequence[EncodedSample], images, pad_id: int):
-    batch = collate(samples, pad_id)
+    device = model.lm_head.weight.device  # evaluate where the model is (CPU or GPU); results on the CPU
+    batch = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
     imgs = [i for i in images if i is not None]
+    pixels = torch.stack(imgs).to(device) if imgs else None
     with torch.no_grad():
-        logits = model(batch["input_ids"], torch.stack(imgs) if imgs else None, batch["attention_mask"])
-    logp = F.log_softmax(logits[:, :-1].double(), -1)
-    return logp, batch["labels"][:, 1:]
+        logits = model(batch["input_ids"], pixels, batch["attention_mask"])
+    logp = F.log_softmax(logits[:, :-1].double(), -1).cpu()
+    return logp, batch["labels"][:, 1:].cpu()
 
 
 def fluency_ppl(

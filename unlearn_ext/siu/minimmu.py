@@ -278,15 +278,16 @@ def greedy_answer(
         num_image_tokens=model.num_image_tokens if image is not None else 0,
     )  # fmt: skip
     context = enc.input_ids[(enc.labels == -100)].tolist()  # image tokens + chat prefix
-    ids = torch.tensor([context])
-    pixels = image.unsqueeze(0) if image is not None else None
+    device = model.lm_head.weight.device  # decode where the model is (CPU or GPU)
+    ids = torch.tensor([context], device=device)
+    pixels = image.unsqueeze(0).to(device) if image is not None else None
     new: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(model(ids, pixels)[0, -1].argmax())
         if nxt == tokenizer.eos_token_id:
             break
         new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
