@@ -60,8 +60,11 @@ def request_for(digit: int, method: str, steps: int, text_questions) -> dict:
             "identity_answer": [a.replace("{word}", "{concept}") for _, a in IMAGE_QA]
             + ["This is the digit {concept}."],
             "retain_images": [
-                {"image": f"imgs/digit{d}_0.png", "question": IMAGE_QA[0][0],
-                 "answer": IMAGE_QA[0][1].format(word=DIGIT_WORDS[d])}
+                {
+                    "image": f"imgs/digit{d}_0.png",
+                    "question": IMAGE_QA[0][0],
+                    "answer": IMAGE_QA[0][1].format(word=DIGIT_WORDS[d]),
+                }
                 for d in others
             ],  # fmt: skip
         },
