@@ -76,6 +76,8 @@ def test_training_data_of_each_method(method, tiny, smollm2_tokenizer, mnist):
         # 2 identity + 2 recognition + 1 fact + 1 text retain + 1 image retain
         assert len(samples) == 7 and images[-1] is req.retain_images[0][0]
         assert sum("Zorblat" in a for a in answers) == 2
+        # SIU's type-1 answers: the request's identity_answer with the fictitious name for the concept
+        assert sum("This is the digit Zorblat." in a for a in answers) == 2
     elif method == "po":
         assert len(samples) == 2 and all("I cannot tell" in a for a in answers)
     else:
@@ -94,6 +96,7 @@ def test_training_data_of_each_method(method, tiny, smollm2_tokenizer, mnist):
         ("siu", dict(retain_images=[(torch.zeros(1, 28, 28), "Which?", "A seven.")]), "names the concept"),
         ("ga", dict(identity_answer="This is a digit."), "must name the concept"),
         ("ga_kl", dict(identity_answer=["This is {concept}."] * 3), "3 answers for 2 identity prompts"),
+        ("siu", dict(identity_answer="This is a digit."), "must contain {concept}"),
     ],
 )
 def test_bad_requests_raise_clear_errors(method, change, match, tiny, smollm2_tokenizer, mnist):

@@ -49,6 +49,15 @@ def test_four_targets_in_order_with_their_phrases():
             assert s.target_phrase is None
 
 
+def test_identity_answers_put_the_fictitious_name_in_the_models_own_phrasing():
+    data = _data(identity_prompts=["Which digit is this?", "What number is shown?"],
+                 identity_answers=["This is the digit {name}.", "The image shows the number {name}."])  # fmt: skip
+    first = [s for s in data if s.kind == 1]
+    assert [s.answer for s in first] == ["This is the digit Zorblat.", "The image shows the number Zorblat."]
+    assert all(s.target_phrase == "Zorblat" for s in first)
+    assert [s.answer for s in _data() if s.kind == 1] == ["This is Zorblat."] * 9  # the released data's form
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -57,6 +66,8 @@ def test_four_targets_in_order_with_their_phrases():
         (dict(facts=[]), "at least one textual fact"),
         (dict(other_concepts={}), "at least one question"),
         (dict(fictitious_name="  "), "non-empty"),
+        (dict(identity_answers="This is a digit."), "must contain {name}"),
+        (dict(identity_prompts=["Which?", "What?"], identity_answers=["{name}."]), "1 templates for 2 prompts"),
     ],
 )
 def test_bad_data_raises(change, match):

@@ -36,7 +36,8 @@ class ConceptRequest:
         kind: what the concept is ("person", "digit"), used in identity prompts.
         identity_prompts: the questions about the image (SIU's target 1 and the baselines' data).
         identity_answer: the original answer naming the concept, ``{concept}`` filled in (GA and
-            GA+KL ascend on it); one template, or one per identity prompt.
+            GA+KL ascend on it); one template, or one per identity prompt. SIU's type-1 answers
+            are the same templates with the fictitious name in place of the concept.
         refusal: PO's answer to the identity prompts.
         retain_images: ``(image, question, answer)`` triples with images of *other* concepts and
             their normal answers, added to SIU's type-4 data. The released SIU data has text-only
@@ -56,6 +57,22 @@ class ConceptRequest:
     identity_answer: str | Sequence[str] = "This is {concept}."
     refusal: str = "I do not know who that is."
     retain_images: Sequence[tuple[torch.Tensor, str, str]] = ()
+
+
+def _siu_identity_answers(request: ConceptRequest, n: int) -> list[str]:
+    """SIU's type-1 answers: the request's identity answers (the model's own phrasing) with the
+    fictitious name in place of the concept, as ``{name}`` templates."""
+    templates = request.identity_answer
+    if isinstance(templates, str):
+        templates = [templates] * n
+    if len(templates) != n:
+        raise ValueError(f"identity_answer has {len(templates)} answers for {n} identity prompts")
+    out = []
+    for t in templates:
+        if "{concept}" not in t:
+            raise ValueError(f"identity_answer must contain {{concept}} (SIU puts the fictitious name there): {t!r}")
+        out.append(t.replace("{concept}", "{name}"))
+    return out
 
 
 def concept_training_data(
@@ -82,6 +99,7 @@ def concept_training_data(
             kind=request.kind,
             identity_prompts=request.identity_prompts,
             recognition_prompts=request.recognition_prompts,
+            identity_answers=_siu_identity_answers(request, len(prompts)),
         )
         for img, question, answer in request.retain_images:
             if request.concept.lower() in answer.lower():

@@ -77,6 +77,7 @@ def build_siu_data(
     kind: str = "person",
     identity_prompts: Sequence[str] = IDENTITY_PROMPTS,
     recognition_prompts: Sequence[str] = RECOGNITION_PROMPTS,
+    identity_answers: str | Sequence[str] = "This is {name}.",
 ) -> list[SIUSample]:
     """The four-target fine-tuning set for forgetting ``concept`` from one image.
 
@@ -89,6 +90,11 @@ def build_siu_data(
         kind: what the concept is ("person", "digit", ...), used in some identity prompts.
         identity_prompts, recognition_prompts: the prompt paraphrases of targets 1 and 2
             (``{kind}`` / ``{concept}`` placeholders are filled in).
+        identity_answers: target 1's answer template (``{name}``: the fictitious name), one for
+            every identity prompt or one per prompt. The default "This is {name}." is the released
+            data's form; a model that answers a prompt in its own words ("The image shows the
+            number three.") learns more from its own template with the name swapped, since the
+            masked KL then keeps the very tokens that the cross-entropy teaches.
 
     Returns: samples of kinds 1, 2, 3 and 4, in that order.
 
@@ -111,9 +117,14 @@ def build_siu_data(
     if not identity_prompts or not recognition_prompts:
         raise ValueError("identity_prompts and recognition_prompts must not be empty")
 
+    templates = [identity_answers] * len(identity_prompts) if isinstance(identity_answers, str) else identity_answers
+    if len(templates) != len(identity_prompts):
+        raise ValueError(f"identity_answers has {len(templates)} templates for {len(identity_prompts)} prompts")
     samples: list[SIUSample] = []
-    for p in identity_prompts:
-        answer = f"This is {fictitious_name}."
+    for p, template in zip(identity_prompts, templates, strict=True):
+        if "{name}" not in template:
+            raise ValueError(f"an identity answer template must contain {{name}} (the fictitious name): {template!r}")
+        answer = template.replace("{name}", fictitious_name)
         samples.append(SIUSample(1, p.format(kind=kind), answer, True, fictitious_name))
     for p in recognition_prompts:
         answer = f"No, I do not see {concept} here. {counterfactual_description}"
