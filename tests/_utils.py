@@ -260,3 +260,26 @@ def assert_low_precision_rule(
         f"{what}: error {ours:.3e} vs the float64 reference exceeds {k}x plain PyTorch's error "
         f"({theirs:.3e}, dtype {plain.dtype}); {_worst(actual.cpu(), reference64.cpu())}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI in a subprocess (crash tests)
+# --------------------------------------------------------------------------------------------
+
+
+def run_cli(args: Sequence[str], crash_at: str | None = None, *, timeout: float = 600):
+    """``python -m unlearn_ext.cli *args`` from this checkout, one thread; ``crash_at`` sets
+    ``UNLEARN_EXT_APPLY_CRASH_AT`` (the apply step where the process SIGKILLs itself)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from unlearn_ext.production.apply import CRASH_ENV
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run(
+        [sys.executable, "-m", "unlearn_ext.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )

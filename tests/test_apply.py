@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _utils import run_cli
 
 from unlearn_ext.cli import main as cli_main
 from unlearn_ext.data import load_dataset
@@ -28,7 +29,7 @@ from unlearn_ext.production import (
     read_audit,
     sha256_file,
 )
-from unlearn_ext.production.apply import CRASH_ENV, CRASH_POINTS
+from unlearn_ext.production.apply import CRASH_POINTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,16 +291,6 @@ def test_damaged_audit_log_is_refused_and_a_torn_last_line_is_skipped(checkpoint
         apply_requests(checkpoint, [write(tmp_path / "r2.json", request("r2"))], tmp_path / "m2.safetensors")
 
 
-def _run_cli(args: list[str], crash_at: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop(CRASH_ENV, None)
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    return subprocess.run(
-        [sys.executable, "-m", "unlearn_ext.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.mark.parametrize("crash_at", CRASH_POINTS)
 def test_sigkill_at_each_step_leaves_everything_intact(checkpoint, tmp_path, crash_at):
     """Kill apply at each step while it replaces an earlier output: the input, the earlier output (or
@@ -325,7 +316,7 @@ def test_sigkill_at_each_step_leaves_everything_intact(checkpoint, tmp_path, cra
         "--overwrite",
         "--no-progress",
     ]  # noqa: E501
-    proc = _run_cli(args, crash_at)
+    proc = run_cli(args, crash_at, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert sha256_file(checkpoint) == input_sha
     records = read_audit(tmp_path / "unlearn-audit.jsonl")  # parseable
@@ -338,7 +329,7 @@ def test_sigkill_at_each_step_leaves_everything_intact(checkpoint, tmp_path, cra
     load_checkpoint(out)
     assert not list(tmp_path.glob("*.tmp")) or crash_at == "temp_written"
     # A rerun recovers: closes the open intent, removes leftovers, and ends with r1 published once.
-    proc = _run_cli(args, None)
+    proc = run_cli(args, None, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = read_audit(tmp_path / "unlearn-audit.jsonl")
     published = [r for r in records if r["event"] == "published" and r["request_ids"] == ["r1"]]

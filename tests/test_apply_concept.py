@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _utils import run_cli
 
 from unlearn_ext import _loader
 from unlearn_ext.cli import main as cli_main
 from unlearn_ext.production import RequestError, apply_requests, read_audit, sha256_file
-from unlearn_ext.production.apply import CRASH_ENV
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [
@@ -31,7 +28,6 @@ pytestmark = [
     pytest.mark.skipif(not _loader.has_kernel("fused_linear_masked_kl", "cpu"), reason="C++ kernel absent"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ("Which digit is this?", "What number is shown in the image?")
 TEXT_Q = "How many days are in a week?"
 
@@ -260,16 +256,6 @@ def test_bad_concept_requests_are_refused_before_anything_is_written(deployed, t
         assert sorted(p.name for p in tmp_path.iterdir()) == [], change  # no output, lock or audit file
 
 
-def _run_cli(args: list[str], crash_at: str | None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop(CRASH_ENV, None)
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    return subprocess.run(
-        [sys.executable, "-m", "unlearn_ext.cli", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.mark.parametrize("crash_at", ["temp_written", "replaced"])
 def test_sigkill_while_publishing_a_concept_request(deployed, tmp_path, crash_at):
     """Killed with the new multimodal checkpoint in a temporary file, or just after the rename: the
@@ -281,7 +267,7 @@ def test_sigkill_while_publishing_a_concept_request(deployed, tmp_path, crash_at
     req = write(folder, f"crash-{crash_at}.json", concept_request(f"crash-{crash_at}", hparams={"steps": 2}, gates={}))
     out = tmp_path / "out.safetensors"
     args = ["apply", "--checkpoint", str(path), "--request", str(req), "--out", str(out), "--no-progress"]
-    proc = _run_cli(args, crash_at)
+    proc = run_cli(args, crash_at, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert sha256_file(path) == input_sha
     records = read_audit(tmp_path / "unlearn-audit.jsonl")
@@ -291,7 +277,7 @@ def test_sigkill_while_publishing_a_concept_request(deployed, tmp_path, crash_at
         load_multimodal_checkpoint(out)
     else:
         assert not out.exists() and len(list(tmp_path.glob(".out.safetensors.*.tmp"))) == 1
-    proc = _run_cli(args, None)
+    proc = run_cli(args, None, timeout=600)
     assert proc.returncode == 0, proc.stderr
     records = read_audit(tmp_path / "unlearn-audit.jsonl")
     published = [r for r in records if r["event"] == "published"]
