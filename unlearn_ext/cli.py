@@ -95,22 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     mmu = sub.add_parser(
         "mmu", help="forget a digit from MiniMMU (SmolLM2 + a digit vision encoder) with SIU, GA, GA+KL, PO"
     )
-    from unlearn_ext.siu.api import CONCEPT_METHODS
+    from unlearn_ext.siu.benchmark import add_spec_arguments
 
-    mmu.add_argument("--digits", type=int, nargs="+", default=[7, 3, 0], metavar="D", help="digits, one at a time")
-    mmu.add_argument("--methods", nargs="+", default=list(CONCEPT_METHODS), choices=CONCEPT_METHODS, metavar="M",
-                     help=f"methods (default all: {', '.join(CONCEPT_METHODS)})")  # fmt: skip
-    mmu.add_argument("--steps", type=int, default=24, help="fine-tuning steps (default 24)")
-    mmu.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    mmu.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16; 0: full fine-tuning)")
-    mmu.add_argument("--train", default="all",
-                     help="parameters to train: all, or a substring of their names (decoder: the LM only)")  # fmt: skip
-    mmu.add_argument("--alpha", type=float, default=0.9, help="SIU's CE weight (default 0.9)")
-    mmu.add_argument("--beta", type=float, default=0.75, help="SIU's masked-KL weight (default 0.75)")
-    mmu.add_argument("--image-retain", type=int, default=1, help="images per other digit in SIU's data (default 1)")
-    mmu.add_argument("--held-out", type=int, default=20, help="test images of the digit for generality (default 20)")
-    mmu.add_argument("--others", type=int, default=3, help="test images per other digit for specificity (default 3)")
-    mmu.add_argument("--seed", type=int, default=0)
+    add_spec_arguments(mmu)
     mmu.add_argument("--out", type=Path, default=Path("unlearn-mmu"), help="output folder (default unlearn-mmu)")
     mmu.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -179,14 +166,10 @@ def _mmu(args) -> int:
 
     from unlearn_ext._progress import progress_print, progress_session
     from unlearn_ext.report import print_mmu_table, write_mmu_report
-    from unlearn_ext.siu.benchmark import MMUSpec, run_minimmu
+    from unlearn_ext.siu.benchmark import run_minimmu, spec_from_args
 
     try:
-        spec = MMUSpec(
-            digits=tuple(args.digits), methods=tuple(args.methods), steps=args.steps, lr=args.lr,
-            lora_rank=args.lora_rank or None, train=args.train, alpha=args.alpha, beta=args.beta,
-            image_retain=args.image_retain, held_out=args.held_out, others=args.others, seed=args.seed,
-        )  # fmt: skip
+        spec = spec_from_args(args)
         with progress_session(not args.no_progress):
             report = run_minimmu(spec, progress=not args.no_progress, log=progress_print)
     except (ValueError, FileNotFoundError) as e:

@@ -36,7 +36,16 @@ from unlearn_ext.siu.metrics import answer_accuracy, c_dis, concept_hit_rate, di
 from unlearn_ext.siu.minimmu import DIGIT_WORDS, IMAGE_QA, build_minimmu, greedy_answer
 from unlearn_ext.siu.train import FinetuneConfig
 
-__all__ = ["METRICS", "TEXT_QUESTIONS", "MMUSpec", "digit_request", "hf_llava_check", "run_minimmu"]
+__all__ = [
+    "METRICS",
+    "TEXT_QUESTIONS",
+    "MMUSpec",
+    "add_spec_arguments",
+    "digit_request",
+    "hf_llava_check",
+    "run_minimmu",
+    "spec_from_args",
+]
 
 FICTITIOUS = "Zorblat"
 COUNTERFACTUAL = "The picture shows a round closed loop with a small tail, like the letter q."
@@ -70,8 +79,8 @@ class MMUSpec:
     alpha: float = 0.9
     beta: float = 0.75
     held_out: int = 20
-    others: int = 3
-    image_retain: int = 1
+    others: int = 10
+    image_retain: int = 3
     seed: int = 0
     hparams: dict = field(default_factory=dict)  # per method: FinetuneConfig overrides
 
@@ -84,6 +93,39 @@ class MMUSpec:
             raise ValueError(f"unknown MiniMMU method(s) {bad}; available: {', '.join(CONCEPT_METHODS)}")
         if self.held_out < 1 or self.others < 1 or self.image_retain < 0:
             raise ValueError("held_out and others must be >= 1 and image_retain >= 0")
+
+
+def add_spec_arguments(parser) -> None:
+    """Add the :class:`MMUSpec` options (``--digits``, ``--steps``, ...; defaults from the class) to
+    an argparse ``parser``: ``unlearn mmu`` and ``benchmarks/bench_siu.py`` share them."""
+    d = MMUSpec()
+    a = parser.add_argument
+    a("--digits", type=int, nargs="+", default=list(d.digits), metavar="D", help="digits, one at a time")
+    a("--methods", nargs="+", default=list(d.methods), choices=CONCEPT_METHODS, metavar="M",
+      help=f"methods (default all: {', '.join(CONCEPT_METHODS)})")  # fmt: skip
+    a("--steps", type=int, default=d.steps, help=f"fine-tuning steps (default {d.steps})")
+    a("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"samples per step (default {d.batch_size})")
+    a("--lora-rank", type=int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank}; 0: full fine-tuning)")
+    a("--train", default=d.train, help="parameters to train: all, or a substring of their names (decoder: the LM only)")
+    a("--alpha", type=float, default=d.alpha, help=f"SIU's CE weight (default {d.alpha})")
+    a("--beta", type=float, default=d.beta, help=f"SIU's masked-KL weight (default {d.beta})")
+    a("--image-retain", type=int, default=d.image_retain,
+      help=f"training images per other digit in SIU's type-4 data (default {d.image_retain})")  # fmt: skip
+    a("--held-out", type=int, default=d.held_out,
+      help=f"test images of the digit for generality (default {d.held_out})")  # fmt: skip
+    a("--others", type=int, default=d.others,
+      help=f"test images per other digit for specificity (default {d.others})")  # fmt: skip
+    a("--seed", type=int, default=d.seed)
+
+
+def spec_from_args(args) -> MMUSpec:
+    """The :class:`MMUSpec` of options added by :func:`add_spec_arguments` (ValueError if invalid)."""
+    return MMUSpec(
+        digits=tuple(args.digits), methods=tuple(args.methods), steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, lora_rank=args.lora_rank or None, train=args.train, alpha=args.alpha,
+        beta=args.beta, image_retain=args.image_retain, held_out=args.held_out, others=args.others, seed=args.seed,
+    )  # fmt: skip
 
 
 #: Text-only questions with the expected word(s) (whole words; any alternative counts). Not SIU's
@@ -115,6 +157,35 @@ TEXT_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("How many eyes does a person have?", ("two", "2")),
     ("How many seasons are there in a year?", ("four", "4")),
     ("How many continents are there?", ("seven", "7")),
+    # Added with the 90-image specificity set: 27 more that the original MiniMMU model answers (the
+    # list keeps only questions it answers; 10 questions made one lost answer worth 10 points).
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of England?", ("london",)),
+    ("What is the capital of Russia?", ("moscow",)),
+    ("What is the capital of China?", ("beijing",)),
+    ("What is the capital of Egypt?", ("cairo",)),
+    ("What is the largest ocean on Earth?", ("pacific",)),
+    ("What is the opposite of up?", ("down",)),
+    ("What is the opposite of big?", ("small", "little")),
+    ("What is the opposite of day?", ("night",)),
+    ("What is the opposite of wet?", ("dry",)),
+    ("What is the opposite of fast?", ("slow",)),
+    ("What gas do humans need to breathe?", ("oxygen",)),
+    ("What star is at the centre of our solar system?", ("sun",)),
+    ("How many legs does a cat have?", ("four", "4")),
+    ("How many days are there in a year?", ("365",)),
+    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
+    ("At what temperature in Celsius does water boil?", ("100", "hundred")),
+    ("What language is spoken in France?", ("french",)),
+    ("How many letters are in the English alphabet?", ("26", "twenty-six")),
+    ("What is the first month of the year?", ("january",)),
+    ("What is the last month of the year?", ("december",)),
+    ("How many sides does a hexagon have?", ("six", "6")),
+    ("How many sides does a pentagon have?", ("five", "5")),
+    ("How many sides does an octagon have?", ("eight", "8")),
+    ("How many sides does a heptagon have?", ("seven", "7")),
+    ("What do cows produce?", ("milk",)),
+    ("What is the largest mammal?", ("whale",)),
 )
 
 
