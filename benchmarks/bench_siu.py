@@ -1,6 +1,6 @@
 """MiniMMU: SIU against GA, GA+KL and PO on a real (small) multimodal model, on a CPU.
 
-    python benchmarks/bench_siu.py [--digits 7 3 0] [--steps 24] [--image-retain 3] [--others 10] [--out NAME]
+    python benchmarks/bench_siu.py [--digits D ...] [--methods M ...] [--steps 48] [--lr 5e-4] [--out NAME]
 
 The experiment is :func:`unlearn_ext.siu.benchmark.run_minimmu` (its docstring defines the data and
 the metrics; ``unlearn mmu`` runs the same thing from the CLI). The model is MiniMMU

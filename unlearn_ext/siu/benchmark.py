@@ -71,8 +71,8 @@ class MMUSpec:
 
     digits: tuple[int, ...] = (7, 3, 0)
     methods: tuple[str, ...] = CONCEPT_METHODS
-    steps: int = 24
-    lr: float = 1e-3
+    steps: int = 48
+    lr: float = 5e-4
     batch_size: int = 4
     lora_rank: int | None = 16  # LoRA on the attention projections; None: full fine-tuning
     train: str = "all"  # which parameters: "all", or a substring of their names ("decoder": the LM only)
