@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _harness as H  # noqa: E402
 
-from unlearn_ext.siu.minimmu import DIGIT_WORDS, build_minimmu, greedy_answer  # noqa: E402
+from unlearn_ext.siu.minimmu import DIGIT_WORDS, build_minimmu, greedy_answers  # noqa: E402
 
 
 def main() -> None:
@@ -34,10 +34,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     n = min(args.images, ds.x_test.shape[0])
     t1 = time.perf_counter()
-    hits = sum(
-        DIGIT_WORDS[int(ds.y_test[i])] in greedy_answer(model, tok, "Which digit is this?", ds.x_test[i]).lower()
-        for i in range(n)
-    )
+    answers = greedy_answers(model, tok, ["Which digit is this?"] * n, [ds.x_test[i] for i in range(n)])
+    hits = sum(DIGIT_WORDS[int(ds.y_test[i])] in a.lower() for i, a in enumerate(answers))
     payload = {
         "build": info,
         "build_wall_seconds_this_run": wall,

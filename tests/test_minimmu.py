@@ -8,7 +8,15 @@ import torch
 
 from unlearn_ext import _loader
 from unlearn_ext.siu import build_siu_data, concept_vocab_mask, encode_sample
-from unlearn_ext.siu.minimmu import ConnectorConfig, MiniLlava, digit_qa, greedy_answer, train_connector
+from unlearn_ext.siu.data import SIUSample
+from unlearn_ext.siu.minimmu import (
+    ConnectorConfig,
+    MiniLlava,
+    digit_qa,
+    greedy_answer,
+    greedy_answers,
+    train_connector,
+)
 from unlearn_ext.siu.train import FinetuneConfig, finetune_llm
 
 transformers = pytest.importorskip("transformers")
@@ -26,12 +34,12 @@ def mnist():
     return load_dataset("mnist", seed=0)
 
 
-def _tiny_model(tok, seed=0):
+def _tiny_model(tok, seed=0, *, tie=True, init=0.02):
     torch.manual_seed(seed)
     lm = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie, initializer_range=init,
         )
     )  # fmt: skip
     return MiniLlava(lm, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), num_image_tokens=4, width=16)
@@ -65,6 +73,51 @@ def test_visual_tokens_replace_the_placeholders(smollm2_tokenizer, mnist):
     )
     with pytest.raises(ValueError, match="outside the vocabulary"):
         MiniLlava(small_lm, image_token_id=10)
+
+
+@torch.no_grad()
+def _recompute_greedy(model, tok, prompt, image, max_new_tokens):
+    """Greedy decoding the plain way: the whole sequence through the model for every new token."""
+    sample = SIUSample(kind=0, prompt=prompt, answer="x", has_image=image is not None, target_phrase=None)
+    enc = encode_sample(
+        sample, tok, image_token_id=model.image_token_id, num_image_tokens=4 if image is not None else 0
+    )
+    ids = enc.input_ids[enc.labels == -100][None]
+    pixels = image[None] if image is not None else None
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = int(model(ids, pixels)[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
+def _mixed_prompts(mnist):
+    """Image and text prompts of several context lengths, interleaved."""
+    prompts = ["Which digit is this?", "Is seven odd?", "Which digit is shown here?", "Which digit is this?"]
+    prompts += ["What is two plus two?", "Which digit is this?", "Is seven odd?"]
+    images = [mnist.x_train[0], None, mnist.x_train[1], mnist.x_train[2], None, mnist.x_train[3], None]
+    return prompts, images
+
+
+def test_batched_cached_greedy_decoding_matches_recomputing_each_token(smollm2_tokenizer, mnist):
+    tok = smollm2_tokenizer
+    # Untied, wider-initialised weights: a default tiny model repeats its last input token whatever it is shown.
+    model = _tiny_model(tok, seed=3, tie=False, init=0.2).eval()
+    prompts, images = _mixed_prompts(mnist)
+    ref = [_recompute_greedy(model, tok, p, x, 6) for p, x in zip(prompts, images, strict=True)]
+    assert len(set(ref)) >= 4  # the images and prompts change the answers: the comparison can fail
+    for batch_size in (1, 2, 32):  # 2 splits the three same-length image prompts across batches
+        assert greedy_answers(model, tok, prompts, images, max_new_tokens=6, batch_size=batch_size) == ref
+    assert greedy_answer(model, tok, prompts[2], images[2], max_new_tokens=6) == ref[2]
+    assert greedy_answers(model, tok, prompts[:2], images[:2], max_new_tokens=0) == ["", ""]
+    assert greedy_answers(model, tok, [], []) == []
+    with pytest.raises(ValueError, match="one image"):
+        greedy_answers(model, tok, prompts, images[:-1])
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        greedy_answers(model, tok, prompts, images, batch_size=0)
 
 
 def test_connector_training_lowers_the_answer_loss_and_freezes_the_language_model(smollm2_tokenizer, mnist):

@@ -33,7 +33,7 @@ from unlearn_ext.siu.api import CONCEPT_METHODS, ConceptRequest, unlearn_concept
 from unlearn_ext.siu.data import SIUSample
 from unlearn_ext.siu.masks import concept_token_ids, encode_sample
 from unlearn_ext.siu.metrics import answer_accuracy, c_dis, concept_hit_rate, diversity, fluency_ppl, min_k_prob
-from unlearn_ext.siu.minimmu import DIGIT_WORDS, IMAGE_QA, build_minimmu, greedy_answer
+from unlearn_ext.siu.minimmu import DIGIT_WORDS, IMAGE_QA, build_minimmu, greedy_answers
 from unlearn_ext.siu.train import FinetuneConfig
 
 __all__ = [
@@ -194,7 +194,8 @@ def _text_questions(model, tok) -> list[tuple[str, tuple[str, ...]]]:
     the share of them still answered correctly (100 for the original by construction)."""
     from unlearn_ext.siu.metrics import _names
 
-    return [(q, e) for q, e in TEXT_QUESTIONS if any(_names(greedy_answer(model, tok, q, None), w) for w in e)]
+    answers = greedy_answers(model, tok, [q for q, _ in TEXT_QUESTIONS], [None] * len(TEXT_QUESTIONS))
+    return [(q, e) for (q, e), a in zip(TEXT_QUESTIONS, answers, strict=True) if any(_names(a, w) for w in e)]
 
 
 def digit_request(digit: int, image, retain_images=()) -> ConceptRequest:
@@ -241,7 +242,7 @@ class _Context:
         ]
         self.probe = [q for q, _ in IMAGE_QA]
         self.text = _text_questions(model, tok)
-        self.orig_probe = [greedy_answer(model, tok, q, image) for q in self.probe]
+        self.orig_probe = greedy_answers(model, tok, self.probe, [image] * len(self.probe))
         enc = {"image_token_id": model.image_token_id, "num_image_tokens": model.num_image_tokens}
         self.ref_samples = [
             encode_sample(SIUSample(0, q, a or "-", True, None), tok, **enc)
@@ -282,8 +283,10 @@ class _Context:
 
 
 def _forget_image(model, tok, ds, digit: int):
-    for i in (ds.y_train == digit).nonzero().flatten()[:50].tolist():
-        if DIGIT_WORDS[digit] in greedy_answer(model, tok, IMAGE_QA[0][0], ds.x_train[i]).lower():
+    candidates = (ds.y_train == digit).nonzero().flatten()[:50].tolist()
+    answers = greedy_answers(model, tok, [IMAGE_QA[0][0]] * len(candidates), [ds.x_train[i] for i in candidates])
+    for i, answer in zip(candidates, answers, strict=True):
+        if DIGIT_WORDS[digit] in answer.lower():
             return i
     raise ValueError(f"the original MiniMMU model names none of the first 50 training images of digit {digit}")
 

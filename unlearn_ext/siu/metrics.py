@@ -33,12 +33,9 @@ __all__ = ["answer_accuracy", "c_dis", "concept_hit_rate", "diversity", "fluency
 
 
 def _answers(model, tokenizer, prompts, images, max_new_tokens) -> list[str]:
-    from unlearn_ext.siu.minimmu import greedy_answer
+    from unlearn_ext.siu.minimmu import greedy_answers
 
-    return [
-        greedy_answer(model, tokenizer, p, img, max_new_tokens=max_new_tokens)
-        for p, img in zip(prompts, images, strict=True)
-    ]
+    return greedy_answers(model, tokenizer, list(prompts), list(images), max_new_tokens=max_new_tokens)
 
 
 def concept_hit_rate(

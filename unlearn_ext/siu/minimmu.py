@@ -12,13 +12,15 @@ pixel_values=..., attention_mask=...)`` returns ``.last_hidden_state`` and ``.lm
 language model's head.
 
 :func:`train_connector` teaches the vision encoder and projector (the language model frozen) to
-answer questions about digit images; :func:`greedy_answer` decodes answers.
+answer questions about digit images; :func:`greedy_answers` decodes answers (batched, with a key/value cache).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -39,6 +41,7 @@ __all__ = [
     "build_minimmu",
     "digit_qa",
     "greedy_answer",
+    "greedy_answers",
     "train_connector",
 ]
 
@@ -99,6 +102,12 @@ class _Backbone(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> SimpleNamespace:
+        out = self.decoder(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask)
+        return SimpleNamespace(last_hidden_state=out.last_hidden_state)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``[B, T, hidden]`` of ``input_ids`` ``[B, T]``, the image tokens replaced
+        by the visual tokens of ``pixel_values`` ``[I, 1, 28, 28]`` (in order)."""
         embeds = self.decoder.get_input_embeddings()(input_ids)
         is_image = input_ids == self.image_token_id
         n_tokens = int(is_image.sum())
@@ -113,8 +122,7 @@ class _Backbone(nn.Module):
                     f"but the input has {n_tokens} image tokens"
                 )
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask)
-        return SimpleNamespace(last_hidden_state=out.last_hidden_state)
+        return embeds
 
 
 class MiniLlava(nn.Module):
@@ -263,6 +271,75 @@ def _pretrain_vision(model: MiniLlava, images, labels, cfg: ConnectorConfig, gen
 
 
 @torch.no_grad()
+def greedy_answers(
+    model: MiniLlava,
+    tokenizer,
+    prompts: Sequence[str],
+    images: Sequence[torch.Tensor | None],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy decoding of the answers to ``prompts`` (each with its image ``[1, 28, 28]`` or ``None``).
+
+    Prompts whose contexts (image tokens + chat prefix) have the same length and image-ness are
+    decoded together, up to ``batch_size`` at a time, so no padding enters the computation; each
+    batch runs its context once and then one token per step against the decoder's key/value cache.
+    A row stops at the tokenizer's end-of-sequence token or after ``max_new_tokens`` tokens.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(
+            f"greedy_answers needs one image (or None) per prompt: {len(prompts)} prompts, {len(images)} images"
+        )
+    if max_new_tokens < 0 or batch_size < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and batch_size >= 1, got {max_new_tokens} and {batch_size}")
+    device = model.lm_head.weight.device  # decode where the model is (CPU or GPU)
+    contexts = []
+    for prompt, image in zip(prompts, images, strict=True):
+        sample = SIUSample(kind=0, prompt=prompt, answer="x", has_image=image is not None, target_phrase=None)
+        enc = encode_sample(
+            sample, tokenizer, image_token_id=model.image_token_id,
+            num_image_tokens=model.num_image_tokens if image is not None else 0,
+        )  # fmt: skip
+        contexts.append(enc.input_ids[enc.labels == -100].tolist())  # image tokens + chat prefix
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        groups.setdefault((len(ctx), images[i] is not None), []).append(i)
+    answers: list[str] = [""] * len(prompts)
+    for (_, has_image), members in groups.items():
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            ids = torch.tensor([contexts[i] for i in rows], device=device)
+            pixels = torch.stack([images[i] for i in rows]).to(device) if has_image else None
+            for i, new in zip(rows, _decode(model, ids, pixels, tokenizer.eos_token_id, max_new_tokens), strict=True):
+                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answers
+
+
+def _decode(model: MiniLlava, ids: torch.Tensor, pixels, eos_id: int | None, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of the equal-length contexts ``ids`` ``[B, T]``, with a key/value cache."""
+    new: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    done = [False] * ids.shape[0]
+    decoder = model.model.decoder
+    # transformers >= 5.2x names the key/value cache ``cache``; earlier releases ``past_key_values``.
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    embeds, cache = model.model.embed(ids, pixels), None
+    for _ in range(max_new_tokens):
+        out = decoder(inputs_embeds=embeds, use_cache=True, **{name: cache})
+        cache = getattr(out, name)
+        nxt = model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+        for row, token in enumerate(nxt.tolist()):
+            if not done[row]:
+                if token == eos_id:
+                    done[row] = True
+                else:
+                    new[row].append(token)
+        if all(done):
+            break
+        embeds = decoder.get_input_embeddings()(nxt[:, None])
+    return new
+
+
 def greedy_answer(
     model: MiniLlava,
     tokenizer,
@@ -271,24 +348,9 @@ def greedy_answer(
     *,
     max_new_tokens: int = 16,
 ) -> str:
-    """Greedy decoding of the answer to ``prompt`` (with ``image`` ``[1, 28, 28]`` or without)."""
-    sample = SIUSample(kind=0, prompt=prompt, answer="x", has_image=image is not None, target_phrase=None)
-    enc = encode_sample(
-        sample, tokenizer, image_token_id=model.image_token_id,
-        num_image_tokens=model.num_image_tokens if image is not None else 0,
-    )  # fmt: skip
-    context = enc.input_ids[(enc.labels == -100)].tolist()  # image tokens + chat prefix
-    device = model.lm_head.weight.device  # decode where the model is (CPU or GPU)
-    ids = torch.tensor([context], device=device)
-    pixels = image.unsqueeze(0).to(device) if image is not None else None
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(model(ids, pixels)[0, -1].argmax())
-        if nxt == tokenizer.eos_token_id:
-            break
-        new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    """Greedy decoding of the answer to ``prompt`` (with ``image`` ``[1, 28, 28]`` or without);
+    :func:`greedy_answers` for many prompts at once."""
+    return greedy_answers(model, tokenizer, [prompt], [image], max_new_tokens=max_new_tokens)[0]
 
 
 def _build_log(path) -> dict:
