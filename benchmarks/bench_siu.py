@@ -1,6 +1,10 @@
 """MiniMMU: SIU against GA, GA+KL and PO on a real (small) multimodal model, on a CPU.
 
-    python benchmarks/bench_siu.py [--digits D ...] [--methods M ...] [--steps 48] [--lr 5e-4] [--out NAME]
+    python benchmarks/bench_siu.py [--digits D ...] [--methods M ...] [--seeds S ...] [--out NAME]
+    python benchmarks/bench_siu.py --merge results/a.json results/b.json --out NAME
+
+Runs of one protocol can go side by side (one digit per process, ``OMP_NUM_THREADS=1`` each) and
+be merged afterwards with ``--merge`` (:func:`unlearn_ext.siu.benchmark.merge_reports`).
 
 The experiment is :func:`unlearn_ext.siu.benchmark.run_minimmu` (its docstring defines the data and
 the metrics; ``unlearn mmu`` runs the same thing from the CLI). The model is MiniMMU
@@ -13,6 +17,7 @@ random Hugging Face ``LlavaForConditionalGeneration`` (``hf_llava_check``) to pr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _harness as H  # noqa: E402
 
 from unlearn_ext.report import print_mmu_table  # noqa: E402
-from unlearn_ext.siu.benchmark import add_spec_arguments, hf_llava_check, run_minimmu, spec_from_args  # noqa: E402
+from unlearn_ext.siu.benchmark import (  # noqa: E402
+    add_spec_arguments,
+    hf_llava_check,
+    merge_reports,
+    run_minimmu,
+    spec_from_args,
+)
 from unlearn_ext.siu.minimmu import build_minimmu  # noqa: E402
 
 
@@ -32,7 +43,14 @@ def main() -> None:
     p.add_argument("--out", default="siu_minimmu")
     p.add_argument("--no-hf", action="store_true", help="skip the tiny random HF LLaVA integration check")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these reports of one protocol into --out")
     args = p.parse_args()
+    if args.merge:
+        reports = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = merge_reports(reports)
+        print_mmu_table(merged)
+        print(f"wrote {H.write_json(args.out, merged)}")
+        return
     spec = spec_from_args(args)
     built = build_minimmu(progress=not args.no_progress)
     report = run_minimmu(spec, built=built, progress=not args.no_progress, log=lambda s: print(s, flush=True))

@@ -149,6 +149,8 @@ def test_answer_accuracy_matches_whole_words(monkeypatch):
         (dict(digits=()), "digits must be"),
         (dict(methods=("siu", "scrub")), r"unknown MiniMMU method\(s\) \['scrub'\]"),
         (dict(held_out=0), "held_out"),
+        (dict(seeds=()), "seeds must be"),
+        (dict(seeds=(1, 1)), "seeds must be"),
     ],
 )
 def test_mmu_spec_rejects_bad_values(change, match):
@@ -169,7 +171,7 @@ def tiny_report(tiny, smollm2_tokenizer, mnist):
     names = metrics._names
     mp.setattr(metrics, "_names", lambda answer, word: word == "*" or names(answer, word))
     mp.setattr(mmu, "TEXT_QUESTIONS", (("What is two plus two?", ("*",)), ("Name a colour.", ("zzqxj",))))
-    spec = mmu.MMUSpec(digits=(7,), steps=1, batch_size=2, held_out=2, others=1, lr=1e-3)
+    spec = mmu.MMUSpec(digits=(7,), steps=1, batch_size=2, held_out=2, others=1, lr=1e-3, seeds=(0, 1))
     try:
         yield mmu.run_minimmu(spec, built=(tiny, smollm2_tokenizer, mnist, {"cached": True}), log=lambda s: None)
     finally:
@@ -178,8 +180,19 @@ def tiny_report(tiny, smollm2_tokenizer, mnist):
 
 def test_run_minimmu_reports_every_method_and_metric(tiny_report):
     rep = tiny_report
-    assert [r["method"] for r in rep["rows"]] == ["original", "siu", "ga", "ga_kl", "po"]
-    assert set(rep["summary"]) == {"original", "siu", "ga", "ga_kl", "po"}
+    methods = ["siu", "ga", "ga_kl", "po"]
+    assert [r["method"] for r in rep["rows"]] == ["original", *(m for m in methods for _ in (0, 1))]
+    assert [r.get("seed") for r in rep["rows"]] == [None, *[0, 1] * 4]
+    assert set(rep["summary"]) == {"original", *methods}
+    for m in methods:  # the summary and the per-digit entry: the mean (and spread) over the two seeds
+        pair = [r for r in rep["rows"] if r["method"] == m]
+        entry = rep["by_digit"][m]["7"]
+        assert entry["runs"] == 2 and rep["summary"][m]["min_k"] == pytest.approx(
+            (pair[0]["min_k"] + pair[1]["min_k"]) / 2
+        )
+        assert entry["min_k"] == pytest.approx(rep["summary"][m]["min_k"])
+        assert entry["min_k_sd"] == pytest.approx(abs(pair[0]["min_k"] - pair[1]["min_k"]) / 2**0.5)
+    assert rep["by_digit"]["original"]["7"]["runs"] == 1 and "efficacy_sd" not in rep["by_digit"]["original"]["7"]
     for r in rep["rows"]:
         for k in ("efficacy", "generality", "specificity", "diversity"):
             assert 0 <= r[k] <= 100, (r["method"], k)
@@ -194,6 +207,31 @@ def test_run_minimmu_reports_every_method_and_metric(tiny_report):
         assert r["seconds"] > 0 and "final_loss" in r
 
 
+def test_merge_reports_of_runs_side_by_side(tiny_report):
+    """Two processes, one seed each, merge into the report of one run with both seeds."""
+    import copy
+
+    def part(seed):
+        rep = copy.deepcopy(tiny_report)
+        rep["spec"]["seeds"] = [seed]
+        rep["rows"] = [r for r in rep["rows"] if r.get("seed", seed) == seed]
+        return rep
+
+    merged = mmu.merge_reports([part(1), part(0)])
+    assert merged["rows"] == tiny_report["rows"] and merged["spec"]["seeds"] == [0, 1]
+    for m, entry in tiny_report["summary"].items():
+        assert merged["summary"][m] == pytest.approx(entry)
+    assert merged["by_digit"]["siu"]["7"] == pytest.approx(tiny_report["by_digit"]["siu"]["7"])
+    with pytest.raises(ValueError, match="in two reports"):
+        mmu.merge_reports([part(0), part(0)])
+    other = part(1)
+    other["spec"]["lr"] = 1.0
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        mmu.merge_reports([part(0), other])
+    with pytest.raises(ValueError, match="at least one"):
+        mmu.merge_reports([])
+
+
 def test_mmu_report_files_and_table(tiny_report, tmp_path, capsys):
     from unlearn_ext.report import print_mmu_table, write_mmu_report
 
@@ -204,6 +242,7 @@ def test_mmu_report_files_and_table(tiny_report, tmp_path, capsys):
     print_mmu_table(tiny_report)
     out = capsys.readouterr().out
     assert "ga_kl" in out and "efficacy" in out
+    assert "per digit: mean ± sd over seeds [0, 1]" in out and " ± " in out
 
 
 def test_mmu_report_without_text_questions(tiny_report, tmp_path, capsys):
@@ -233,8 +272,9 @@ def test_cli_mmu_runs_the_experiment_and_rejects_bad_input(tiny_report, tmp_path
 
     monkeypatch.setattr(mmu, "run_minimmu", fake_run)
     rc = cli.main(["mmu", "--digits", "7", "--methods", "siu", "po", "--steps", "3", "--lr", "1e-4",
-                   "--train", "decoder", "--beta", "2", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
-    assert rc == 0 and (tmp_path / "o" / "report.json").is_file()
+                   "--train", "decoder", "--beta", "2", "--seeds", "4", "2", "--out", str(tmp_path / "o"),
+                   "--no-progress"])  # fmt: skip
+    assert rc == 0 and (tmp_path / "o" / "report.json").is_file() and calls[0].seeds == (4, 2)
     assert calls[0].methods == ("siu", "po") and calls[0].steps == 3 and calls[0].lr == 1e-4
     assert calls[0].train == "decoder" and calls[0].beta == 2.0
     assert calls[0].others == 10 and calls[0].image_retain == 3  # unset options: MMUSpec's defaults

@@ -209,8 +209,35 @@ def print_mmu_table(report: dict) -> None:
     for name, r in report["summary"].items():
         cells = [f"{r[k]:.3g}" if k in r else "-" for k, _, _ in MMU_COLUMNS]
         table.add_row(name, *cells, f"{r['seconds']:.3g}")
-    Console(width=max(Console().width, 150)).print(table)
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    by_digit = report.get("by_digit")
+    if by_digit:
+        seeds = list(spec.get("seeds", []))
+        per = Table(title=f"per digit: mean ± sd over seeds {seeds}")
+        for name in ("digit", "method", "runs", *(label for _, label, _ in MMU_DIGIT_COLUMNS)):
+            per.add_column(name, justify="right" if name not in ("method",) else "left")
+        digits = sorted({d for rows in by_digit.values() for d in rows}, key=int)
+        for d in digits:
+            for name, rows in by_digit.items():
+                if d in rows:
+                    r = rows[d]
+                    per.add_row(d, name, str(r["runs"]), *(_mean_sd(r, k) for k, _, _ in MMU_DIGIT_COLUMNS))
+        console.print(per)
     Console().print(
         "efficacy, generality, specificity, text and diversity in % (higher is better); drops in points; "
         "fluency: perplexity of the original answers (lower is better)"
     )
+
+
+#: The per-digit table's columns (a subset of :data:`MMU_COLUMNS`).
+MMU_DIGIT_COLUMNS = tuple(
+    c for c in MMU_COLUMNS if c[0] in ("efficacy", "generality", "specificity_drop", "text_drop", "fluency_ppl")
+)
+
+
+def _mean_sd(row: dict, key: str) -> str:
+    if key not in row:
+        return "-"
+    sd = row.get(f"{key}_sd")
+    return f"{row[key]:.3g}" + (f" ± {sd:.2g}" if sd is not None else "")

@@ -43,8 +43,10 @@ __all__ = [
     "add_spec_arguments",
     "digit_request",
     "hf_llava_check",
+    "merge_reports",
     "run_minimmu",
     "spec_from_args",
+    "summarise_rows",
 ]
 
 FICTITIOUS = "Zorblat"
@@ -81,11 +83,16 @@ class MMUSpec:
     held_out: int = 20
     others: int = 10
     image_retain: int = 3
-    seed: int = 0
+    #: Training seeds (batch order): each method runs once per seed; a few steps on one image vary
+    #: enough with the order (a 7-point spread of SIU's specificity drop on digit 3) that one seed
+    #: cannot judge a 5-point target.
+    seeds: tuple[int, ...] = (0, 1, 2)
     hparams: dict = field(default_factory=dict)  # per method: FinetuneConfig overrides
 
     def __post_init__(self) -> None:
-        self.digits, self.methods = tuple(self.digits), tuple(self.methods)
+        self.digits, self.methods, self.seeds = tuple(self.digits), tuple(self.methods), tuple(self.seeds)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be one or more distinct integers, got {list(self.seeds)}")
         if not self.digits or any(not 0 <= d <= 9 for d in self.digits):
             raise ValueError(f"digits must be one or more of 0-9, got {list(self.digits)}")
         bad = [m for m in self.methods if m not in CONCEPT_METHODS]
@@ -116,7 +123,8 @@ def add_spec_arguments(parser) -> None:
       help=f"test images of the digit for generality (default {d.held_out})")  # fmt: skip
     a("--others", type=int, default=d.others,
       help=f"test images per other digit for specificity (default {d.others})")  # fmt: skip
-    a("--seed", type=int, default=d.seed)
+    a("--seeds", type=int, nargs="+", default=list(d.seeds), metavar="S",
+      help=f"training seeds, each method once per seed (default {' '.join(map(str, d.seeds))})")  # fmt: skip
 
 
 def spec_from_args(args) -> MMUSpec:
@@ -124,7 +132,8 @@ def spec_from_args(args) -> MMUSpec:
     return MMUSpec(
         digits=tuple(args.digits), methods=tuple(args.methods), steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, lora_rank=args.lora_rank or None, train=args.train, alpha=args.alpha,
-        beta=args.beta, image_retain=args.image_retain, held_out=args.held_out, others=args.others, seed=args.seed,
+        beta=args.beta, image_retain=args.image_retain, held_out=args.held_out, others=args.others,
+        seeds=tuple(args.seeds),
     )  # fmt: skip
 
 
@@ -312,33 +321,97 @@ def run_minimmu(spec: MMUSpec, *, built=None, progress: bool = False, log=print)
         ]
         request = digit_request(digit, image, retain)
         for method in spec.methods:
-            cfg = FinetuneConfig(
-                objective=method, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
-                lora_rank=spec.lora_rank, train=spec.train, alpha=spec.alpha, beta=spec.beta, seed=spec.seed,
-                **spec.hparams.get(method, {}),
-            )  # fmt: skip
-            res = unlearn_concept(
-                model, tok, request, method=method, image_token_id=model.image_token_id,
-                num_image_tokens=model.num_image_tokens, config=cfg, progress=progress,
-            )  # fmt: skip
-            m = ctx.evaluate(res.model)
-            m["specificity_drop"] = base["specificity"] - m["specificity"]
-            if "text_specificity" in base:
-                m["text_drop"] = base["text_specificity"] - m["text_specificity"]
-            m["seconds"], m["final_loss"] = res.seconds, res.log[-1]["loss"]
-            rows.append({"digit": digit, "method": method, **m})
-            log(f"digit {digit} {method}: {_fmt(m)} ({res.seconds:.1f} s)")
-    summary = {}
-    for method in ["original", *spec.methods]:
-        sel = [r for r in rows if r["method"] == method]
-        summary[method] = {k: statistics.fmean(r[k] for r in sel) for k in [*METRICS, "seconds"] if k in sel[0]}
+            for seed in spec.seeds:
+                cfg = FinetuneConfig(
+                    objective=method, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
+                    lora_rank=spec.lora_rank, train=spec.train, alpha=spec.alpha, beta=spec.beta, seed=seed,
+                    **spec.hparams.get(method, {}),
+                )  # fmt: skip
+                res = unlearn_concept(
+                    model, tok, request, method=method, image_token_id=model.image_token_id,
+                    num_image_tokens=model.num_image_tokens, config=cfg, progress=progress,
+                )  # fmt: skip
+                m = ctx.evaluate(res.model)
+                m["specificity_drop"] = base["specificity"] - m["specificity"]
+                if "text_specificity" in base:
+                    m["text_drop"] = base["text_specificity"] - m["text_specificity"]
+                m["seconds"], m["final_loss"] = res.seconds, res.log[-1]["loss"]
+                rows.append({"digit": digit, "method": method, "seed": seed, **m})
+                log(f"digit {digit} {method} seed {seed}: {_fmt(m)} ({res.seconds:.1f} s)")
     return {
         "benchmark": "minimmu",
         "spec": asdict(spec),
         "minimmu": info,
         "rows": rows,
-        "summary": summary,
+        **summarise_rows(rows, ["original", *spec.methods]),
         "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def summarise_rows(rows: list[dict], methods: list[str]) -> dict:
+    """``summary``: per method, each metric's mean over all its rows (digits x seeds); ``by_digit``:
+    per method and digit, the mean over seeds, ``<metric>_sd`` the sample standard deviation (with
+    two or more seeds) and ``runs`` the number of rows."""
+    summary, by_digit = {}, {}
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            raise ValueError(f"no rows for method {method!r}")
+        keys = [k for k in [*METRICS, "seconds"] if k in sel[0]]
+        summary[method] = {k: statistics.fmean(r[k] for r in sel) for k in keys}
+        by_digit[method] = {}
+        for digit in sorted({r["digit"] for r in sel}):
+            group = [r for r in sel if r["digit"] == digit]
+            entry: dict = {"runs": len(group)}
+            for k in keys:
+                vals = [r[k] for r in group]
+                entry[k] = statistics.fmean(vals)
+                if len(vals) > 1:
+                    entry[f"{k}_sd"] = statistics.stdev(vals)
+            by_digit[method][str(digit)] = entry
+    return {"summary": summary, "by_digit": by_digit}
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from :func:`run_minimmu` reports of one protocol run side by side (other digits,
+    methods or seeds): rows concatenated (the original model's row once per digit), ``summary`` and
+    ``by_digit`` recomputed, the spec's digits, methods and seeds the union, ``wall_seconds`` the
+    longest run's. ValueError when the settings differ or a run appears twice."""
+    if not reports:
+        raise ValueError("merge_reports needs at least one report")
+    varying = ("digits", "methods", "seeds")
+    base = {k: v for k, v in reports[0]["spec"].items() if k not in varying}
+    rows: list[dict] = []
+    seen: set[tuple] = set()
+    for i, rep in enumerate(reports):
+        other = {k: v for k, v in rep["spec"].items() if k not in varying}
+        if other != base:
+            diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+            raise ValueError(f"report {i} was run with other settings ({', '.join(diff)}): not one protocol")
+        for r in rep["rows"]:
+            key = (r["digit"], r["method"], r.get("seed"))
+            if key in seen:
+                if r["method"] == "original":
+                    continue
+                raise ValueError(f"digit {r['digit']} {r['method']} seed {r.get('seed')} is in two reports")
+            seen.add(key)
+            rows.append(r)
+    methods = list(dict.fromkeys(m for rep in reports for m in rep["spec"]["methods"]))
+    order = {m: i for i, m in enumerate(["original", *methods])}
+    rows.sort(key=lambda r: (r["digit"], order[r["method"]], r.get("seed", 0)))
+    spec = {
+        **reports[0]["spec"],
+        "digits": sorted({d for rep in reports for d in rep["spec"]["digits"]}),
+        "methods": methods,
+        "seeds": sorted({s for rep in reports for s in rep["spec"]["seeds"]}),
+    }
+    return {
+        **reports[0],
+        "spec": spec,
+        "rows": rows,
+        **summarise_rows(rows, ["original", *methods]),
+        "wall_seconds": max(rep["wall_seconds"] for rep in reports),
+        "merged_from": len(reports),
     }
 
 
