@@ -277,7 +277,7 @@ def test_cli_mmu_runs_the_experiment_and_rejects_bad_input(tiny_report, tmp_path
     assert rc == 0 and (tmp_path / "o" / "report.json").is_file() and calls[0].seeds == (4, 2)
     assert calls[0].methods == ("siu", "po") and calls[0].steps == 3 and calls[0].lr == 1e-4
     assert calls[0].train == "decoder" and calls[0].beta == 2.0
-    assert calls[0].others == 10 and calls[0].image_retain == 3  # unset options: MMUSpec's defaults
+    assert calls[0].others == 10 and calls[0].image_retain == 5 and calls[0].batch_size == 6  # unset: the defaults
     assert cli.main(["mmu", "--others", "4", "--image-retain", "0", "--batch-size", "2", "--lora-rank", "0",
                      "--out", str(tmp_path / "q"), "--no-progress"]) == 0  # fmt: skip
     assert calls[1] == mmu.MMUSpec(others=4, image_retain=0, batch_size=2, lora_rank=None)

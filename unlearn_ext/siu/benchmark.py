@@ -75,14 +75,14 @@ class MMUSpec:
     methods: tuple[str, ...] = CONCEPT_METHODS
     steps: int = 48
     lr: float = 5e-4
-    batch_size: int = 4
+    batch_size: int = 6
     lora_rank: int | None = 16  # LoRA on the attention projections; None: full fine-tuning
     train: str = "all"  # which parameters: "all", or a substring of their names ("decoder": the LM only)
     alpha: float = 0.9
     beta: float = 0.75
     held_out: int = 20
     others: int = 10
-    image_retain: int = 3
+    image_retain: int = 5
     #: Training seeds (batch order): each method runs once per seed; a few steps on one image vary
     #: enough with the order (a 7-point spread of SIU's specificity drop on digit 3) that one seed
     #: cannot judge a 5-point target.
