@@ -45,15 +45,12 @@ def main() -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these reports of one protocol into --out")
     args = p.parse_args()
-    if args.merge:
-        reports = [json.loads(Path(f).read_text()) for f in args.merge]
-        merged = merge_reports(reports)
-        print_mmu_table(merged)
-        print(f"wrote {H.write_json(args.out, merged)}")
-        return
-    spec = spec_from_args(args)
     built = build_minimmu(progress=not args.no_progress)
-    report = run_minimmu(spec, built=built, progress=not args.no_progress, log=lambda s: print(s, flush=True))
+    if args.merge:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+    else:
+        spec = spec_from_args(args)
+        report = run_minimmu(spec, built=built, progress=not args.no_progress, log=lambda s: print(s, flush=True))
     print_mmu_table(report)
     if not args.no_hf:
         _, tok, ds, _ = built
