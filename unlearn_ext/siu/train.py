@@ -69,6 +69,7 @@ class FinetuneConfig:
     ``alpha`` / ``beta``: SIU's CE and DMK weights (0.9 / 0.75, the values the re-implementation
     cites from the paper). ``steps`` optimiser steps of ``batch_size`` samples (cycling through the
     data in a seeded order), Adam at ``lr``. ``temperature`` and ``renormalize`` go to the KL.
+    ``seed`` fixes the batch order and LoRA's initialisation.
     ``train`` names the parameters to train: ``"all"``, or a substring that a parameter's name must
     contain (e.g. ``"multi_modal_projector"``); everything else is frozen. ``lora_rank``: train
     LoRA adapters (through ``peft``) on the ``lora_targets`` linear layers instead, plus the
@@ -143,7 +144,11 @@ def _add_lora(model: nn.Module, cfg: FinetuneConfig):
     config = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, target_modules=targets, lora_dropout=0.0
     )
-    return LoraModel(model, config, "default")
+    # The adapters' random initialisation comes from cfg.seed, like the batch order (not from the
+    # caller's global RNG state, which would make a run depend on what ran before it).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LoraModel(model, config, "default")
 
 
 def _trainable(student: nn.Module, cfg: FinetuneConfig):
