@@ -45,7 +45,8 @@ def main() -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these reports of one protocol into --out")
     args = p.parse_args()
-    built = build_minimmu(progress=not args.no_progress)
+    # Merging needs the model only for the HF check (its tokenizer and an image).
+    built = build_minimmu(progress=not args.no_progress) if not (args.merge and args.no_hf) else None
     if args.merge:
         report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
     else:

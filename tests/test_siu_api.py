@@ -230,6 +230,10 @@ def test_merge_reports_of_runs_side_by_side(tiny_report):
         mmu.merge_reports([part(0), other])
     with pytest.raises(ValueError, match="at least one"):
         mmu.merge_reports([])
+    old = part(0)
+    del old["spec"]["seeds"]
+    with pytest.raises(ValueError, match="no spec.seeds"):
+        mmu.merge_reports([old])
 
 
 def test_mmu_report_files_and_table(tiny_report, tmp_path, capsys):

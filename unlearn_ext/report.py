@@ -164,6 +164,12 @@ MMU_COLUMNS = (
 )
 
 
+#: The per-digit table's columns (a subset of :data:`MMU_COLUMNS`).
+MMU_DIGIT_COLUMNS = tuple(
+    c for c in MMU_COLUMNS if c[0] in ("efficacy", "generality", "specificity_drop", "text_drop", "fluency_ppl")
+)
+
+
 def write_mmu_report(report: dict, out_dir: str | Path) -> list[Path]:
     """Write ``report.json`` and ``minimmu.png`` (efficacy/generality/specificity per method)."""
     import matplotlib
@@ -228,12 +234,6 @@ def print_mmu_table(report: dict) -> None:
         "efficacy, generality, specificity, text and diversity in % (higher is better); drops in points; "
         "fluency: perplexity of the original answers (lower is better)"
     )
-
-
-#: The per-digit table's columns (a subset of :data:`MMU_COLUMNS`).
-MMU_DIGIT_COLUMNS = tuple(
-    c for c in MMU_COLUMNS if c[0] in ("efficacy", "generality", "specificity_drop", "text_drop", "fluency_ppl")
-)
 
 
 def _mean_sd(row: dict, key: str) -> str:

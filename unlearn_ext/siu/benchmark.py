@@ -384,6 +384,8 @@ def merge_reports(reports: list[dict]) -> dict:
     rows: list[dict] = []
     seen: set[tuple] = set()
     for i, rep in enumerate(reports):
+        if "seeds" not in rep.get("spec", {}):
+            raise ValueError(f"report {i} has no spec.seeds (written before runs had seeds): not mergeable")
         other = {k: v for k, v in rep["spec"].items() if k not in varying}
         if other != base:
             diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))

@@ -321,7 +321,7 @@ def _decode(model: MiniLlava, ids: torch.Tensor, pixels, eos_id: int | None, max
     new: list[list[int]] = [[] for _ in range(ids.shape[0])]
     done = [False] * ids.shape[0]
     decoder = model.model.decoder
-    # transformers >= 5.2x names the key/value cache ``cache``; earlier releases ``past_key_values``.
+    # Recent transformers (5.24 here) name the key/value cache ``cache``; earlier ones ``past_key_values``.
     name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     embeds, cache = model.model.embed(ids, pixels), None
     for _ in range(max_new_tokens):
