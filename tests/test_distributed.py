@@ -191,6 +191,7 @@ _METHODS = {
     "opc": {"epochs": 2, "lr": 0.05},
     "scrub": {"epochs": 2, "max_steps": 1, "lr": 0.02},
     "muso": {"epochs": 2, "lr": 1e-2},
+    "muso:labels": {"epochs": 2, "lr": 1e-2, "targets": "labels"},  # Z^T Y summed over the ranks too
     "bad_teacher": {"epochs": 2, "lr": 0.05, "retain_fraction": 0.6},
 }
 _DDP_ONLY = {"retrain": {"epochs": 2, "lr": 0.05, "t_mix": 0.0}}
@@ -216,10 +217,11 @@ def _methods_worker(rank: int, world: int, strategy: str) -> dict:
     out: dict = {}
     compared = {**_METHODS, **(_DDP_ONLY if strategy == "ddp" else {})}
     for name, hp in compared.items():
+        method = name.split(":")[0]  # "method:variant" runs method with the variant's hyperparameters
         forget, retain = data()
-        res = unlearn_distributed(model, name, forget=forget, retain=retain, strategy=strategy, **hp)
+        res = unlearn_distributed(model, method, forget=forget, retain=retain, strategy=strategy, **hp)
         forget, retain = data()
-        ref = get_method(name, **hp).unlearn(model, forget, retain)
+        ref = get_method(method, **hp).unlearn(model, forget, retain)
         out[name] = {
             "dist": {k: v.detach().clone() for k, v in res.model.state_dict().items()},
             "ref": {k: v.detach().clone() for k, v in ref.state_dict().items()},

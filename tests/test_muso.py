@@ -18,8 +18,16 @@ from torch import nn
 from unlearn_ext.data import TensorBatches, make_forget_split
 from unlearn_ext.eval import penultimate_features
 from unlearn_ext.methods import get_method
-from unlearn_ext.methods.muso import epsilon_ramp, forget_scores, relabel_matrix, retain_gram, retain_projector
-from unlearn_ext.methods.muso_linear import fit_interpolating_head, optimal_forget_labels
+from unlearn_ext.methods.muso import (
+    epsilon_ramp,
+    forget_scores,
+    relabel_matrix,
+    retain_gram,
+    retain_projector,
+    retain_statistics,
+    retrained_head,
+)
+from unlearn_ext.methods.muso_linear import fit_interpolating_head, optimal_forget_labels, signed_targets
 from unlearn_ext.models import (
     INITIAL_HEAD_BUFFER,
     RandomFourierFeatures,
@@ -204,3 +212,84 @@ def test_released_operator_is_the_scaled_woodbury_form(mlp, split):
         get_method("muso", projector="woodbury").unlearn(mlp, b["forget"], b["retain"])
     with pytest.raises(ValueError, match="subset_ratio must be in"):
         get_method("muso", projector="released", subset_ratio=0.0).unlearn(mlp, b["forget"], b["retain"])
+
+
+def test_retrained_head_is_the_ridge_fit_from_w0_in_both_regimes():
+    """(G + eps I)^-1 (Z^T Y + eps w0) == w0 + Z^T (Z Z^T + eps I)^-1 (Y - Z w0) (METHODS.md 3.1), with
+    fewer and with more samples than feature dimensions; and with Y = Z w_p it reproduces the paper's
+    relabelling without the drift term when the projector is exact."""
+    g = torch.Generator().manual_seed(3)
+    for n, d in ((30, 50), (400, 50)):
+        z = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = signed_targets(torch.randint(0, 4, (n,), generator=g), num_classes=4)
+        w0 = torch.randn(d, 4, generator=g, dtype=torch.float64)
+        for eps in (1e-6, 1e-2, 5.0):
+            textbook = w0 + z.T @ torch.linalg.solve(z @ z.T + eps * torch.eye(n, dtype=torch.float64), y - z @ w0)
+            torch.testing.assert_close(retrained_head(z.T @ z, z.T @ y, w0, eps), textbook, rtol=1e-6, atol=1e-7)
+        w_p = torch.randn(d, 4, generator=g, dtype=torch.float64)
+        paper = relabel_matrix(z.T @ z, w_p, w0, 1e-3) - w_p  # w0 + Pi (w_p - w0)
+        torch.testing.assert_close(retrained_head(z.T @ z, z.T @ (z @ w_p), w0, 1e-3), paper, rtol=1e-6, atol=1e-7)
+    eye = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        retrained_head(eye, torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64), 0.0)
+    with pytest.raises(ValueError, match=r"must both be finite \[d \+ 1, C\]"):
+        retrained_head(eye, torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), 1e-3)
+    with pytest.raises(ValueError, match="not positive definite"):
+        retrained_head(-eye, torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64), 1e-3)
+
+
+def test_retain_statistics_stream_the_gram_and_the_label_moments(mlp, split):
+    retain = split.batches(batch_size=100)["retain"]
+    gram, cross, n = retain_statistics(mlp, retain, 10)
+    x, y = split.tensors()["retain"]
+    feats, _ = penultimate_features(mlp, [(x, torch.zeros(len(x), dtype=torch.long))])
+    z = torch.cat([feats.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    assert n == len(x)
+    torch.testing.assert_close(gram, z.T @ z, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cross, z.T @ signed_targets(y, num_classes=10), rtol=1e-9, atol=1e-9)
+    assert retain_statistics(mlp, retain)[1] is None
+    with pytest.raises(ValueError, match=r"retain labels must be class ids in \[0, 4\)"):
+        retain_statistics(mlp, retain, 4)
+
+
+def test_label_targets_relabel_with_the_retrained_linear_head(digits):
+    """Fixed features (the linear setting): targets='labels' relabels the forget set with the outputs of
+    the head retrained on the retain labels from w0, i.e. MUSO's linear closed form with the true y_r."""
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    net = FixedFeatureNet(RandomFourierFeatures(64, 400, 6.0, seed=1), 10)
+    w0 = head_matrix(net.head).double().T.clone()
+    phi = torch.cat([net.rff(x), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    forget = y == 3
+    retain = TensorBatches(x[~forget], y[~forget], batch_size=64)
+    gram, cross, n = retain_statistics(net, retain, 10)
+    head = retrained_head(gram, cross, w0, 1e-7)
+    scores = forget_scores(net.rff(x[forget]), head, None)
+    expected = optimal_forget_labels(
+        phi[forget], phi[~forget], signed_targets(y[~forget], num_classes=10), w0, eps=1e-7
+    )
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    assert not bool((scores.argmax(1) == 3).any())  # no retain sample is a 3: the retrained head never says 3
+
+
+def test_label_targets_forget_a_class_where_the_papers_relabelling_keeps_it(mlp, split):
+    """More retain samples (1291) than feature dimensions (1001): the paper's relabelling is the original's
+    own prediction (keeps the true class for most forget samples), the label form relabels (almost) all of them."""
+    b = split.batches(batch_size=128)
+    paper = get_method("muso", epochs=2, lr=1e-3)
+    paper.unlearn(mlp, b["forget"], b["retain"])
+    labels = get_method("muso", epochs=2, lr=1e-3, targets="labels")
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    out = labels.unlearn(mlp, b["forget"], b["retain"])
+    assert all(torch.equal(v, mlp.state_dict()[k]) for k, v in before.items())
+    assert paper.log[0]["forget_relabel_keeps_true"] > 0.5
+    assert labels.log[0]["forget_relabel_keeps_true"] <= 0.02
+    assert labels.log[0]["projector_effect"] is None and labels.log[0]["retain_samples_in_gram"] == len(
+        split.retain_idx
+    )
+    xf, yf = split.tensors()["forget"]
+    with torch.no_grad():
+        assert float((out(xf).argmax(1) == yf).float().mean()) <= 0.05
+    with pytest.raises(ValueError, match="targets must be one of"):
+        get_method("muso", targets="logits").unlearn(mlp, b["forget"], b["retain"])
+    with pytest.raises(ValueError, match="targets='labels' uses the streamed Gram"):
+        get_method("muso", targets="labels", projector="released").unlearn(mlp, b["forget"], b["retain"])

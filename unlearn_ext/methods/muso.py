@@ -14,6 +14,17 @@ Per epoch ``e`` (``eps_e`` on a cosine ramp from ``eps0`` to ``eps_final``):
    with ``argmax(z~_net(x_f) R - m_orig(x_f))`` (no gradient; ``m_orig(x_f)`` are the original model's
    logits, cached once): the linear-case label ``z~_net (w0 + Pi (w_p - w0))`` plus the feature-drift
    correction ``(z~_net - z~_orig) w_p``. Cross-entropy on every batch, one optimiser step each.
+
+``targets="labels"`` (not the paper's deep form): the same closed form (METHODS.md 3.1) with the retain
+set's *true* labels in place of the original model's retain logits ``Z_r w_p``. The pass of step 1 also
+accumulates ``C = Z^T Y`` (``Y``: one-vs-rest +-1 targets, ``[d + 1, classes]``), the head is the
+ridge least-squares fit from ``w0``, ``w_r = (G + eps I)^-1 (C + eps w0)``
+(= ``w0 + Z^T (Z Z^T + eps I)^-1 (Y - Z w0)``, 3.1's formula), and each forget batch is relabelled
+with ``argmax(z~_net(x_f) w_r)``: the prediction of the last layer retrained on the retain set over the
+current features. The two forms agree when the original head interpolates its labels
+(``Z_r w_p = Y``, the over-parameterised linear case); they differ once there are more retain samples
+than feature dimensions, where ``Pi`` is the identity and the paper's relabelling is the original
+model's own prediction (see the README's MUSO section).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from unlearn_ext.models.initial_head import get_initial_head, head_matrix
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 PROJECTORS = ("exact", "released")
+TARGETS = ("original", "labels")
 
 
 def epsilon_ramp(epoch: int, epochs: int, eps0: float, eps_final: float) -> float:
@@ -59,33 +71,67 @@ def retain_gram(model: nn.Module, retain: Batches) -> tuple[torch.Tensor, int]:
 
     Under :func:`unlearn_ext.distributed.unlearn_distributed` each rank streams its shard and the Gram
     and count are summed over the ranks (one bucketed all-reduce), so every rank gets the whole set's."""
+    gram, _, n = retain_statistics(model, retain)
+    return gram, n
+
+
+def retain_statistics(
+    model: nn.Module, retain: Batches, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(G, C, N)`` in one streaming pass over the retain set (eval mode, no gradient, float64):
+    ``G = Z^T Z`` ``[d + 1, d + 1]`` of the penultimate features with a 1 appended, ``C = Z^T Y``
+    ``[d + 1, num_classes]`` with ``Y`` the one-vs-rest targets of the labels (+1 in the sample's class
+    column, -1 elsewhere; ``None`` when ``num_classes`` is None) and the count ``N``. Summed over the
+    ranks under :func:`unlearn_ext.distributed.unlearn_distributed` (one bucketed all-reduce).
+
+    Raises:
+        ValueError: an empty retain set, or a label outside ``[0, num_classes)``.
+    """
     device = model_device(model)
     was_training = model.training
     model.eval()
-    gram, n = None, 0
+    gram, cross, n = None, None, 0
     try:
         with torch.no_grad():
-            for x, _ in retain:
+            for x, y in retain:
                 if x.shape[0] == 0:
                     continue
                 feats, _ = features_and_logits(model, x.to(device))
                 z = torch.cat([feats.double(), feats.new_ones(feats.shape[0], 1, dtype=torch.float64)], dim=1)
                 g = z.T @ z
                 gram = g if gram is None else gram + g
+                if num_classes is not None:
+                    c = z.T @ _signed_one_vs_rest(y.to(device), num_classes)
+                    cross = c if cross is None else cross + c
                 n += z.shape[0]
     finally:
         model.train(was_training)
     parallel = current_data_parallel()
     if parallel is not None:
+        d = final_linear(model).in_features
         if gram is None:  # an empty shard still takes part in the sum
-            d = final_linear(model).in_features
             gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device)
+        if num_classes is not None and cross is None:
+            cross = torch.zeros(d + 1, num_classes, dtype=torch.float64, device=device)
         count = torch.tensor([n], dtype=torch.float64, device=gram.device)
-        parallel.all_reduce([gram, count])
+        parallel.all_reduce([gram, count] if cross is None else [gram, cross, count])
         n = int(count.item())
     if gram is None or n == 0:
         raise ValueError("muso: the retain set is empty")
-    return gram, n
+    return gram, cross, n
+
+
+def _signed_one_vs_rest(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, num_classes]`` float64: +1 in each sample's class column, -1 elsewhere."""
+    y = y.long().reshape(-1)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"muso: retain labels must be class ids in [0, {num_classes}) to match the head, "
+            f"got [{int(y.min())}, {int(y.max())}]"
+        )
+    out = torch.full((y.shape[0], num_classes), -1.0, dtype=torch.float64, device=y.device)
+    out[torch.arange(y.shape[0], device=y.device), y] = 1.0
+    return out
 
 
 def retain_projector(gram: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,11 +189,37 @@ def relabel_matrix(gram: torch.Tensor, w_p: torch.Tensor, w0: torch.Tensor, eps:
     return projector @ (w_p - w0) + w0 + w_p
 
 
-def forget_scores(features: torch.Tensor, relabel: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
+def retrained_head(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, eps: float) -> torch.Tensor:
+    """The last layer retrained on the retain set from ``w0``: ``(G + eps I)^-1 (C + eps w0)`` ``[d + 1, C]``,
+    the ridge least-squares fit ``argmin ||Z w - Y||^2 + eps ||w - w0||^2`` (= ``w0 + Z^T (Z Z^T + eps I)^-1
+    (Y - Z w0)``, METHODS.md 3.1's closed form), by one Cholesky of ``G + eps I``.
+
+    Raises:
+        ValueError: as :func:`retain_projector`; ``cross`` or ``w0`` not ``[d + 1, C]`` or not finite.
+    """
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"muso: eps must be a positive finite ridge, got {eps!r}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"muso: the Gram matrix must be a finite square matrix, got shape {tuple(gram.shape)}")
+    if cross.shape != w0.shape or cross.shape[0] != gram.shape[0] or not bool(torch.isfinite(cross).all()):
+        raise ValueError(
+            f"muso: Z^T Y {tuple(cross.shape)} and w0 {tuple(w0.shape)} must both be finite [d + 1, C] with "
+            f"d + 1 = {gram.shape[0]}"
+        )
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(gram + eps * eye)
+    if int(info) != 0:
+        raise ValueError(f"muso: G + eps I is not positive definite at eps={eps!r}: raise eps0")
+    return torch.cholesky_solve(cross + eps * w0.to(cross.dtype), chol)
+
+
+def forget_scores(features: torch.Tensor, relabel: torch.Tensor, original_logits: torch.Tensor | None) -> torch.Tensor:
     """MUSO's relabelling scores ``z~(x_f) R - m_orig(x_f)`` ``[B, C]`` (float64) from the current
-    features ``[B, d]``; the hard labels are their argmax."""
+    features ``[B, d]`` (``z~(x_f) R`` when ``original_logits`` is None: ``targets="labels"``, where
+    ``R`` is the retrained head); the hard labels are their argmax."""
     z = torch.cat([features.double(), torch.ones_like(features[:, :1], dtype=torch.float64)], dim=1)
-    return z @ relabel - original_logits.double()
+    scores = z @ relabel
+    return scores if original_logits is None else scores - original_logits.double()
 
 
 @register
@@ -163,15 +235,18 @@ class MUSO(Unlearner):
     weight_decay, eps0 and eps_final (the ridge's cosine ramp; METHODS.md 3.2: 1e-6 to 1e-2), w0,
     projector: ``"exact"`` (the streamed-Gram projector over all retain rows) or ``"released"`` (the
     released code's ``1 / eps``-scaled operator on a random ``subset_ratio`` of the retain rows, to
-    reproduce its behaviour; :func:`released_projector`).
+    reproduce its behaviour; :func:`released_projector`); targets: ``"original"`` (the paper's deep form:
+    the original model's retain logits stand in for the labels, with the drift correction) or
+    ``"labels"`` (the retain set's true labels: relabel with the last layer retrained on the retain set
+    over the current features, :func:`retrained_head`; the module docstring says when the two differ).
     Defaults are the released code's full-class setting (5 epochs, AdamW, lr 2.8e-4, cosine); its
     random-subset setting is ``epochs=2, optimizer="adam", lr=3e-5, schedule="constant"``.
 
     ``log`` per epoch: ``eps``; ``retain_samples_in_gram``; ``projector_effect`` =
     ``||(I - Pi)(w_p - w0)|| / ||w_p - w0||`` (0 when the retain features span the whole feature space,
     as they do once there are more retain samples than feature dimensions: the relabelling is then the
-    original model's own prediction plus the drift correction); ``loss``; ``forget_relabel_keeps_true``
-    (fraction of forget samples relabelled with their true class).
+    original model's own prediction plus the drift correction; None with ``targets="labels"``); ``loss``;
+    ``forget_relabel_keeps_true`` (fraction of forget samples relabelled with their true class).
     """
 
     name = "muso"
@@ -185,6 +260,7 @@ class MUSO(Unlearner):
     eps_final: float = 1e-2
     projector: str = "exact"
     subset_ratio: float = 0.2
+    targets: str = "original"
     w0: torch.Tensor | None = None
 
     def _check(self) -> None:
@@ -198,6 +274,10 @@ class MUSO(Unlearner):
             raise ValueError(f"muso: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"muso: projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"muso: targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "labels" and self.projector != "exact":
+            raise ValueError("muso: targets='labels' uses the streamed Gram (projector='exact'), not the released one")
         if not (isinstance(self.subset_ratio, (int, float)) and 0 < self.subset_ratio <= 1):
             raise ValueError(f"muso: subset_ratio must be in (0, 1], got {self.subset_ratio!r}")
         if self.projector == "released" and current_data_parallel() is not None:
@@ -242,11 +322,13 @@ class MUSO(Unlearner):
         w0 = self._initial_head(model, head).T  # [d + 1, C]
         w_p = full_tensor(head_matrix(head)).double().T  # [d + 1, C]
         device = model_device(model)
-        original = model_copy(model).eval()
         forget_batches = [(x, y) for x, y in forget if y.shape[0]]
-        with torch.no_grad():  # the original model's forget logits = z~_orig(x_f) w_p, cached once
-            original_logits = [original(x.to(device)).double() for x, _ in forget_batches]
-        del original
+        original_logits = [None] * len(forget_batches)
+        if self.targets == "original":
+            original = model_copy(model).eval()
+            with torch.no_grad():  # the original model's forget logits = z~_orig(x_f) w_p, cached once
+                original_logits = [original(x.to(device)).double() for x, _ in forget_batches]
+            del original
 
         retain_steps = steps_per_epoch(retain)
         if retain_steps is None:  # a re-iterable without len(): count its batches once
@@ -257,7 +339,10 @@ class MUSO(Unlearner):
         with progress_bar(self.epochs, "muso", self.progress) as advance:
             for epoch in range(self.epochs):
                 eps = epsilon_ramp(epoch, self.epochs, self.eps0, self.eps_final)
-                if self.projector == "exact":
+                if self.targets == "labels":
+                    gram, cross, n_retain = retain_statistics(model, retain, head.out_features)
+                    relabel = retrained_head(gram, cross, w0, eps)
+                elif self.projector == "exact":
                     gram, n_retain = retain_gram(model, retain)
                     relabel = relabel_matrix(gram, w_p, w0, eps)
                 else:
@@ -294,7 +379,9 @@ class MUSO(Unlearner):
                     "epoch": epoch,
                     "eps": eps,
                     "retain_samples_in_gram": n_retain,
-                    "projector_effect": float(torch.linalg.matrix_norm(relabel - 2 * w_p))
+                    "projector_effect": None
+                    if self.targets == "labels"
+                    else float(torch.linalg.matrix_norm(relabel - 2 * w_p))
                     / max(float(torch.linalg.matrix_norm(w_p - w0)), 1e-300),
                     "loss": stats["loss"] / max(stats["steps"], 1),
                     "forget_relabel_keeps_true": stats["kept_true"] / max(stats["n_forget"], 1),
