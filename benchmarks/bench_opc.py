@@ -47,6 +47,8 @@ COLUMNS = (  # (metric, header, scale)
     ("avg_gap", "gap pts", 100),
     ("fm_recovered_forget_acc", "FM fgt %", 100),
     ("fm_recovered_test_acc", "FM test %", 100),
+    ("fm_linear_recovered_forget_acc", "FMlin fgt %", 100),
+    ("fm_linear_recovered_test_acc", "FMlin test %", 100),
     ("ft_recovered_forget_acc", "FT fgt %", 100),
     ("cka_original_forget", "CKA orig", 1),
     ("probe_forget_class_test_acc", "probe %", 100),
@@ -73,10 +75,10 @@ def _targets(summary: dict, kind: str) -> dict:
             m[kept] - rt[kept],
             m[kept] >= rt[kept] - 0.03,
         )
-        out[f"{name}: FM-recovered forget acc <= 20%"] = (
-            m["fm_recovered_forget_acc"],
-            m["fm_recovered_forget_acc"] <= 0.20,
-        )
+        # METHODS.md 4.3's attack is a linear map; the affine one (with an intercept) is stronger
+        for key, what in (("fm_linear_recovered_forget_acc", "linear map"), ("fm_recovered_forget_acc", "affine map")):
+            if key in m:
+                out[f"{name}: FM-recovered forget acc <= 20% ({what})"] = (m[key], m[key] <= 0.20)
     return out
 
 
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{arch} / forget {what}: mean ± std over seeds {args.seeds}",
                 ["method", *[h for _, h, _ in COLUMNS]],
                 [[name, *[_harness.mean_std_cell(e, k, s) for k, _, s in COLUMNS]] for name, e in summary.items()],
-                caption="FM: feature-mapping recovery attack (fit on retain, original head); FT: 50 SGD steps on 256 "
+                caption="FM / FMlin: feature-mapping recovery attack with an affine / linear map (fit on retain, "
+                "original head); FT: 50 SGD steps on 256 "
                 "retain samples; CKA orig: linear CKA to the original on the forget set; probe: linear probe on "
                 "forget-class test images; inv dB: gradient-inversion PSNR",
             )

@@ -41,6 +41,7 @@ KEYS = (
     "retain_class_test_acc",
     "fm_recovered_forget_acc",
     "fm_recovered_test_acc",
+    "fm_linear_recovered_forget_acc",
     "ft_recovered_forget_acc",
     "cka_original_forget",
     "probe_forget_class_test_acc",

@@ -23,6 +23,7 @@ from unlearn_ext.eval import (
     finetune_recovery_attack,
     fit_affine_map,
     fit_feature_map,
+    fit_feature_maps,
     gradient_inversion,
     linear_cka,
     linear_cka_from_features,
@@ -204,6 +205,47 @@ def test_fit_affine_map_ridge_matches_augmented_lstsq():
     assert 0 < fitted.r2 < fit_affine_map(x, y, ridge=0.0).r2 < 1
 
 
+@pytest.mark.parametrize("chunk_size", [1, 13, 4096])
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_fit_linear_map_is_ridge_least_squares_through_the_origin(chunk_size, ridge):
+    # the large offset makes the linear fit differ a lot from the affine one, and tests that the
+    # unshifted statistics are recovered from the shifted ones without loss
+    x, y = affine_data(n=80, d_x=6, d_y=3, offset=30.0, seed=2)
+    fitted = fit_affine_map(x, y, ridge=ridge, chunk_size=chunk_size, intercept=False)
+    xn, yn = x.numpy(), y.numpy()
+    rho = ridge * np.sum((xn - xn.mean(0)) ** 2) / xn.shape[1]  # the same rho as the affine fit
+    stacked_x = np.vstack([xn, np.sqrt(rho) * np.eye(xn.shape[1])])
+    stacked_y = np.vstack([yn, np.zeros((xn.shape[1], yn.shape[1]))])
+    w = np.linalg.lstsq(stacked_x, stacked_y, rcond=None)[0]
+    assert fitted.intercept is False and fitted.rho == pytest.approx(rho, rel=1e-10, abs=1e-12)
+    np.testing.assert_allclose(fitted.weight.numpy(), w, rtol=1e-7, atol=1e-8)
+    assert torch.equal(fitted.bias, torch.zeros(3, dtype=torch.float64))
+    residual = xn @ w - yn
+    r2 = 1 - np.sum(residual**2) / np.sum((yn - yn.mean(0)) ** 2)
+    assert fitted.r2 == pytest.approx(float(r2), abs=1e-8)
+    torch.testing.assert_close(fitted(x), torch.from_numpy(xn @ w), rtol=1e-8, atol=1e-7)
+    torch.testing.assert_close(fitted(torch.zeros(2, 6, dtype=torch.float64)), torch.zeros(2, 3, dtype=torch.float64))
+    affine = fit_affine_map(x, y, ridge=ridge, chunk_size=chunk_size)
+    assert affine.intercept is True
+    if ridge == 0.0:
+        assert affine.r2 > fitted.r2  # unpenalised, the intercept can only help the fit
+    with pytest.raises(ValueError, match="intercept must be True or False"):
+        fit_affine_map(x, y, intercept=1)
+
+
+def test_linear_map_cannot_move_the_origin_but_the_affine_map_can():
+    """Features collapsed to 0 on the attack set: the linear map leaves them at 0 whatever the fit,
+    the affine map sends them to its intercept (the point the attack on OPC exploits)."""
+    x, y = affine_data(n=100, d_x=5, d_y=4, offset=3.0, seed=4)
+    y = y + 5.0  # a target intercept the affine fit must find
+    linear = fit_affine_map(x, y, intercept=False)
+    affine = fit_affine_map(x, y)
+    origin = torch.zeros(7, 5, dtype=torch.float64)
+    assert torch.equal(linear(origin), torch.zeros(7, 4, dtype=torch.float64))
+    torch.testing.assert_close(affine(origin), affine.bias.expand(7, 4))
+    assert float(affine.bias.min()) > 3.0
+
+
 def test_fit_affine_map_collapsed_input_predicts_the_mean():
     _, y = affine_data(n=50)
     x = torch.full((50, 6), 2.5, dtype=torch.float64)
@@ -286,6 +328,11 @@ def test_fm_attack_on_collapsed_features(mlp, split):
     assert result["fit_r2"] == pytest.approx(0.0, abs=1e-9)
     assert result["recovered_acc"] == 0.0  # the forget class (3) is not the retain mean's class
     assert linear_cka(collapsed, mlp, forget) == 0.0
+    # the linear map sends the collapsed point (0) to 0: the original head answers with its bias alone
+    linear = feature_mapping_attack(collapsed, mlp, fit, forget, intercept=False)
+    bias_class = int(head.bias.argmax())
+    assert linear["recovered_acc"] == pytest.approx(float((y_forget == bias_class).double().mean()))
+    assert linear["recovered_acc"] == 0.0 and bias_class != 3
 
 
 def test_fit_feature_map_equals_fit_on_features(mlp, split):
@@ -298,6 +345,13 @@ def test_fit_feature_map_equals_fit_on_features(mlp, split):
     torch.testing.assert_close(streamed.weight, direct.weight, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(streamed.bias, direct.bias, rtol=1e-9, atol=1e-9)
     assert streamed.r2 == pytest.approx(direct.r2, abs=1e-12) and streamed.n == 1000
+    both = fit_feature_maps(unlearned, mlp, fit, ridge=1e-3)
+    direct_linear = fit_affine_map(f_u, f_o, ridge=1e-3, intercept=False)
+    torch.testing.assert_close(both["affine"].weight, direct.weight, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(both["linear"].weight, direct_linear.weight, rtol=1e-7, atol=1e-8)
+    assert both["linear"].r2 == pytest.approx(direct_linear.r2, abs=1e-9)
+    single = fit_feature_map(unlearned, mlp, fit, ridge=1e-3, intercept=False)
+    assert torch.equal(single.weight, both["linear"].weight) and not single.intercept
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,6 +807,9 @@ def test_deep_metrics_equal_the_single_attacks(mlp, split):
         fm = feature_mapping_attack(unlearned, mlp, splits["retain"], splits[name])
         assert out[f"fm_recovered_{name}_acc"] == fm["recovered_acc"]
         assert out["fm_fit_r2"] == fm["fit_r2"]
+        lin = feature_mapping_attack(unlearned, mlp, splits["retain"], splits[name], intercept=False)
+        assert out[f"fm_linear_recovered_{name}_acc"] == lin["recovered_acc"]
+        assert out["fm_linear_fit_r2"] == lin["fit_r2"]
     ft = finetune_recovery_attack(unlearned, subset, splits["forget"], steps=4, seed=3)
     assert out["ft_recovered_forget_acc"] == ft["recovered_acc"]
     assert out["cka_original_forget"] == linear_cka(unlearned, mlp, splits["forget"])
@@ -780,7 +837,8 @@ def test_deep_metrics_of_the_original_itself(mlp, split):
     splits = deep_splits(split)
     out = deep_forgetting_metrics(mlp, mlp, splits, finetune_steps=0, probe=False)
     assert set(out) == {"fm_recovered_forget_acc", "fm_recovered_forget_class_test_acc", "fm_recovered_test_acc",
-                        "fm_fit_r2", "cka_original_forget"}  # fmt: skip
+                        "fm_fit_r2", "fm_linear_recovered_forget_acc", "fm_linear_recovered_forget_class_test_acc",
+                        "fm_linear_recovered_test_acc", "fm_linear_fit_r2", "cka_original_forget"}  # fmt: skip
     assert out["fm_recovered_forget_acc"] == pytest.approx(accuracy(mlp, splits["forget"]), abs=1 / 400)
     assert out["fm_recovered_test_acc"] == pytest.approx(accuracy(mlp, splits["test"]), abs=2 / 600)
     assert out["cka_original_forget"] == pytest.approx(1.0, abs=1e-9)
@@ -817,7 +875,8 @@ def test_deep_metrics_without_optional_splits_and_bad_input(mlp, split):
     splits = deep_splits(split)
     only = {"forget": splits["forget"], "retain": splits["retain"]}
     out = deep_forgetting_metrics(mlp, mlp, only, finetune_steps=1)
-    assert set(out) == {"fm_recovered_forget_acc", "fm_fit_r2", "ft_recovered_forget_acc", "cka_original_forget"}
+    assert set(out) == {"fm_recovered_forget_acc", "fm_fit_r2", "fm_linear_recovered_forget_acc", "fm_linear_fit_r2",
+                        "ft_recovered_forget_acc", "cka_original_forget"}  # fmt: skip
     for missing in ("forget", "retain"):
         with pytest.raises(ValueError, match=f"needs a '{missing}' split"):
             deep_forgetting_metrics(mlp, mlp, {k: v for k, v in only.items() if k != missing})

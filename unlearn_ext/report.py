@@ -22,6 +22,7 @@ TABLE_COLUMNS = (
 DEEP_TABLE_COLUMNS = (
     ("fm_recovered_forget_acc", "FM-rec fgt"),
     ("fm_recovered_test_acc", "FM-rec test"),
+    ("fm_linear_recovered_forget_acc", "FMlin fgt"),
     ("ft_recovered_forget_acc", "FT-rec fgt"),
     ("cka_original_forget", "CKA orig"),
 )

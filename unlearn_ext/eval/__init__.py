@@ -24,6 +24,7 @@ from unlearn_ext.eval.recovery import (
     finetune_recovery_attack,
     fit_affine_map,
     fit_feature_map,
+    fit_feature_maps,
 )
 from unlearn_ext.eval.representation import (
     CKAAccumulator,
@@ -51,6 +52,7 @@ __all__ = [
     "finetune_recovery_attack",
     "fit_affine_map",
     "fit_feature_map",
+    "fit_feature_maps",
     "gradient_inversion",
     "linear_cka",
     "linear_cka_from_features",

@@ -16,7 +16,7 @@ from torch import nn
 from unlearn_ext.data.batches import TensorBatches
 from unlearn_ext.eval.inversion import gradient_inversion
 from unlearn_ext.eval.predictions import Batches
-from unlearn_ext.eval.recovery import feature_mapping_attack, finetune_recovery_attack, fit_feature_map
+from unlearn_ext.eval.recovery import feature_mapping_attack, finetune_recovery_attack, fit_feature_maps
 from unlearn_ext.eval.representation import linear_cka, linear_probe_accuracy
 
 DEEP_KEYS = (
@@ -24,6 +24,10 @@ DEEP_KEYS = (
     "fm_recovered_forget_class_test_acc",
     "fm_recovered_test_acc",
     "fm_fit_r2",
+    "fm_linear_recovered_forget_acc",
+    "fm_linear_recovered_forget_class_test_acc",
+    "fm_linear_recovered_test_acc",
+    "fm_linear_fit_r2",
     "ft_recovered_forget_acc",
     "cka_original_forget",
     "cka_retrain_forget",
@@ -105,6 +109,10 @@ def deep_forgetting_metrics(
           ``"fm_recovered_forget_class_test_acc"`` / ``"fm_recovered_test_acc"`` the same on
           ``"forget_class_test"`` / ``"test"`` (all classes: does the attack give back a whole working
           classifier, or only a constant answer that happens to be the forgotten class?);
+        * ``"fm_linear_recovered_forget_acc"`` (and ``..._forget_class_test_acc``, ``..._test_acc``,
+          ``"fm_linear_fit_r2"``): the same attack with the *linear* map (no intercept), METHODS.md 4.3's
+          form; features contracted to the origin map to the origin, where ``original``'s head answers
+          with its bias, so a one-point contraction to 0 defeats it by construction;
         * ``"ft_recovered_forget_acc"``: forget-set accuracy after ``finetune_steps`` SGD steps on the
           retain subset (a copy of ``model`` is trained);
         * ``"cka_original_forget"`` / ``"cka_retrain_forget"``: linear CKA of the forget set's
@@ -125,15 +133,16 @@ def deep_forgetting_metrics(
     forget, retain = splits["forget"], splits["retain"]
     out: dict[str, float] = {}
 
-    feature_map = fit_feature_map(model, original, retain, ridge=ridge)
+    feature_maps = fit_feature_maps(model, original, retain, ridge=ridge)  # one pass, both maps
     attack_sets = {"forget": forget}
     for name in ("forget_class_test", "test"):
         if name in splits:
             attack_sets[name] = splits[name]
-    for name, batches in attack_sets.items():
-        fm = feature_mapping_attack(model, original, retain, batches, ridge=ridge, feature_map=feature_map)
-        out[f"fm_recovered_{name}_acc"] = float(fm["recovered_acc"])
-    out["fm_fit_r2"] = float(feature_map.r2)
+    for prefix, kind in (("fm", "affine"), ("fm_linear", "linear")):
+        for name, batches in attack_sets.items():
+            fm = feature_mapping_attack(model, original, retain, batches, feature_map=feature_maps[kind])
+            out[f"{prefix}_recovered_{name}_acc"] = float(fm["recovered_acc"])
+        out[f"{prefix}_fit_r2"] = float(feature_maps[kind].r2)
 
     if finetune_steps > 0:
         subset = finetune_batches if finetune_batches is not None else take_samples(retain, finetune_samples, seed=seed)

@@ -1,9 +1,11 @@
 """Performance-recovery attacks on an unlearned model (OPC's "shallow forgetting" tests, METHODS.md 4.3).
 
-* :func:`feature_mapping_attack`: training-free. An affine map from the unlearned model's penultimate
+* :func:`feature_mapping_attack`: training-free. A map from the unlearned model's penultimate
   features to the original model's is solved in closed form (ridge least squares) on a fitting set
   (the retain data), then forget samples are classified by the *original* head on the mapped
   unlearned features. A high recovered accuracy means the forget information is still in the features.
+  The map is affine by default (``x W + b``, the stronger attack) or linear (``intercept=False``:
+  ``x W``, METHODS.md 4.3's form, under which features contracted to the origin map to the origin).
 * :func:`finetune_recovery_attack`: a copy of the unlearned model is fine-tuned for a few SGD steps on
   a small retain subset; forget accuracy that comes back was hidden, not removed.
 
@@ -33,26 +35,28 @@ from unlearn_ext.eval.representation import _check_features, stream_features
 from unlearn_ext.models.heads import final_linear
 
 # --------------------------------------------------------------------------------------------
-# Closed-form affine ridge map
+# Closed-form affine / linear ridge map
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """An affine map ``x -> x @ weight + bias`` fitted by :func:`fit_affine_map` / :func:`fit_feature_map`.
+    """A map ``x -> x @ weight + bias`` fitted by :func:`fit_affine_map` / :func:`fit_feature_map`.
 
     Attributes:
         weight: float64 ``[d_in, d_out]``.
-        bias: float64 ``[d_out]``.
+        bias: float64 ``[d_out]`` (all zeros when ``intercept`` is false).
+        intercept: whether ``bias`` was fitted (affine map) or fixed at 0 (linear map).
         r2: coefficient of determination on the fitting set, pooled over output dimensions:
             ``1 - sum of squared residuals / sum of squared deviations from the column means``
-            (``nan`` when the targets are constant on the fitting set).
+            (``nan`` when the targets are constant on the fitting set; a linear map can score below 0).
         ridge: the relative ridge it was fitted with; rho: the absolute penalty that gave.
         n: number of fitting samples.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor
+    intercept: bool
     r2: float
     ridge: float
     rho: float
@@ -111,7 +115,8 @@ class _AffineRidge:
         self.cross += z.T @ y
         self.y_sq += float(y.square().sum())
 
-    def solve(self, ridge: float) -> FeatureMap:
+    def solve(self, ridge: float, *, intercept: bool = True) -> FeatureMap:
+        """The ridge solution from the statistics: affine (``intercept``) or linear through the origin."""
         n = self.n
         if n == 0:
             raise ValueError("no samples to fit the map on")
@@ -121,23 +126,45 @@ class _AffineRidge:
         # rho = ridge * (average per-dimension sum of squared deviations); fall back to `ridge` itself when
         # the features are constant (their block is then 0 and any positive rho gives weight 0).
         rho = ridge * centred_trace / d if centred_trace > 0 else float(ridge)
-        system = self.gram.clone()
-        system.diagonal()[:d] += rho  # the intercept (last row/column) is not penalised
+        if intercept:
+            gram, cross, y_sq = self.gram, self.cross, self.y_sq
+        else:
+            gram, cross, y_sq = self._unshifted()
+        system = gram.clone()
+        system.diagonal()[:d] += rho  # the intercept (last row/column, affine only) is not penalised
         factor, info = torch.linalg.cholesky_ex(system)
         if int(info) != 0:
             raise ValueError(
                 "the fitting features are rank-deficient (e.g. constant or duplicated dimensions, or fewer "
                 f"samples than dimensions: n={n}, d={d}); use ridge > 0"
             )
-        solution = torch.cholesky_solve(self.cross, factor)  # [(d + 1), d_y]
-        weight, shifted_bias = solution[:d], solution[d]
-        bias = shifted_bias + self.shift_y - self.shift_x @ weight
+        solution = torch.cholesky_solve(cross, factor)  # [(d + 1), d_y] affine, [d, d_y] linear
+        if intercept:
+            weight = solution[:d]
+            bias = solution[d] + self.shift_y - self.shift_x @ weight
+        else:
+            weight, bias = solution, torch.zeros_like(self.shift_y)
         # residual and total sums of squares from the same statistics (no second pass)
-        rss = float((solution * (self.gram @ solution)).sum() - 2 * (solution * self.cross).sum()) + self.y_sq
+        rss = float((solution * (gram @ solution)).sum() - 2 * (solution * cross).sum()) + y_sq
         mu_y = self.cross[d] / n
         tss = self.y_sq - n * float(mu_y.square().sum())
         r2 = 1.0 - max(rss, 0.0) / tss if tss > 0 else math.nan
-        return FeatureMap(weight=weight, bias=bias, r2=r2, ridge=float(ridge), rho=rho, n=n)
+        return FeatureMap(weight=weight, bias=bias, intercept=intercept, r2=r2, ridge=float(ridge), rho=rho, n=n)
+
+    def _unshifted(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``X^T X`` ``[d, d]``, ``X^T Y`` ``[d, d_y]`` and ``||Y||_F^2`` of the raw (unshifted) data.
+
+        With ``X = X_s + 1 s_x^T`` and ``Y = Y_s + 1 s_y^T``: ``X^T X = X_s^T X_s + g s_x^T + s_x g^T +
+        n s_x s_x^T`` and ``X^T Y = X_s^T Y_s + g s_y^T + s_x c^T + n s_x s_y^T``, where ``g = X_s^T 1`` and
+        ``c = Y_s^T 1`` are the ones-column entries already accumulated.
+        """
+        d, n = self.gram.shape[0] - 1, self.n
+        s_x, s_y = self.shift_x, self.shift_y
+        g, c = self.gram[:d, d], self.cross[d]
+        xtx = self.gram[:d, :d] + torch.outer(g, s_x) + torch.outer(s_x, g) + n * torch.outer(s_x, s_x)
+        xty = self.cross[:d] + torch.outer(g, s_y) + torch.outer(s_x, c) + n * torch.outer(s_x, s_y)
+        y_sq = self.y_sq + 2 * float(s_y @ c) + n * float(s_y @ s_y)
+        return xtx, xty, y_sq
 
 
 def _check_ridge(ridge: float) -> None:
@@ -145,22 +172,28 @@ def _check_ridge(ridge: float) -> None:
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
 
 
-def fit_affine_map(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-3, chunk_size: int = 4096) -> FeatureMap:
-    """Closed-form affine ridge regression of ``y`` ``[N, d_y]`` on ``x`` ``[N, d_x]``, streamed in row chunks.
+def fit_affine_map(
+    x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-3, chunk_size: int = 4096, intercept: bool = True
+) -> FeatureMap:
+    """Closed-form ridge regression of ``y`` ``[N, d_y]`` on ``x`` ``[N, d_x]``, streamed in row chunks.
 
     Minimises ``||x W + 1 b^T - y||_F^2 + rho ||W||_F^2`` (the intercept ``b`` is not penalised), by one
-    Cholesky solve of the ``(d_x + 1)``-square system of the Gram of ``[x, 1]`` (float64).
+    Cholesky solve of the ``(d_x + 1)``-square system of the Gram of ``[x, 1]`` (float64). With
+    ``intercept=False`` it fits the linear map ``x W`` (``b = 0``, a ``d_x``-square system), the form of
+    METHODS.md 4.3: ``x = 0`` then maps to ``0``.
 
     ``ridge`` is unit-free: ``rho = ridge * tr(x_c^T x_c) / d_x`` with ``x_c`` the column-centred ``x``,
     i.e. ``ridge`` is the penalty as a fraction of the average per-dimension variance of ``x`` (times
-    ``N``). ``ridge=0`` is ordinary least squares and needs full-rank centred ``x``. When ``x`` is
-    constant (collapsed), ``rho = ridge`` and the fitted ``W`` is 0: the map predicts ``y``'s mean.
+    ``N``), the same ``rho`` with or without the intercept. ``ridge=0`` is ordinary least squares and
+    needs full-rank (centred, for the affine map) ``x``. When ``x`` is constant (collapsed), ``rho =
+    ridge`` and the fitted affine ``W`` is 0: the map predicts ``y``'s mean.
 
     Raises:
         ValueError: on non-finite or non-2-D inputs, mismatched row counts, ``N = 0``, ``ridge < 0``, or
             rank-deficient ``x`` with ``ridge = 0``.
     """
     _check_ridge(ridge)
+    _check_intercept(intercept)
     _check_features(x, "x")
     _check_features(y, "y")
     if x.shape[0] != y.shape[0]:
@@ -172,16 +205,21 @@ def fit_affine_map(x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-3, chu
         acc.update(x[start : start + chunk_size], y[start : start + chunk_size])
     if acc.n == 0:
         raise ValueError("x and y are empty (no samples)")
-    return acc.solve(ridge)
+    return acc.solve(ridge, intercept=intercept)
 
 
-def fit_feature_map(
+def _check_intercept(intercept: bool) -> None:
+    if not isinstance(intercept, bool):
+        raise ValueError(f"intercept must be True or False, got {intercept!r}")
+
+
+def fit_feature_maps(
     unlearned: nn.Module, original: nn.Module, fit_batches: Batches, *, ridge: float = 1e-3
-) -> FeatureMap:
-    """The affine map from ``unlearned``'s penultimate features to ``original``'s, fitted on ``fit_batches``.
+) -> dict[str, FeatureMap]:
+    """Both maps from ``unlearned``'s penultimate features to ``original``'s, from one pass over ``fit_batches``.
 
-    One streaming pass: both models run on each batch and :func:`fit_affine_map`'s statistics are
-    accumulated (on ``unlearned``'s device). See :func:`fit_affine_map` for ``ridge``.
+    Returns ``{"affine": ..., "linear": ...}``: :func:`fit_affine_map` with and without the intercept on
+    the same statistics (both models run once on each batch; accumulated on ``unlearned``'s device).
 
     Raises:
         ValueError: on empty batches, a model without a final ``nn.Linear``, or as :func:`fit_affine_map`.
@@ -192,7 +230,22 @@ def fit_feature_map(
         acc.update(f_u, f_o)
     if acc.n == 0:
         raise ValueError("fit_batches is empty (no samples)")
-    return acc.solve(ridge)
+    return {"affine": acc.solve(ridge, intercept=True), "linear": acc.solve(ridge, intercept=False)}
+
+
+def fit_feature_map(
+    unlearned: nn.Module, original: nn.Module, fit_batches: Batches, *, ridge: float = 1e-3, intercept: bool = True
+) -> FeatureMap:
+    """The map from ``unlearned``'s penultimate features to ``original``'s, fitted on ``fit_batches``.
+
+    Affine by default, linear with ``intercept=False`` (see :func:`fit_affine_map` for both and for
+    ``ridge``); one streaming pass as :func:`fit_feature_maps`.
+
+    Raises:
+        ValueError: on empty batches, a model without a final ``nn.Linear``, or as :func:`fit_affine_map`.
+    """
+    _check_intercept(intercept)
+    return fit_feature_maps(unlearned, original, fit_batches, ridge=ridge)["affine" if intercept else "linear"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,22 +260,29 @@ def feature_mapping_attack(
     attack_batches: Batches,
     *,
     ridge: float = 1e-3,
+    intercept: bool = True,
     feature_map: FeatureMap | None = None,
 ) -> dict[str, float | int]:
     """Training-free feature-mapping (FM) recovery attack (METHODS.md 4.3, 6.4).
 
-    1. On ``fit_batches`` (typically the retain set), fit the affine map ``W`` from
-       ``F_u = f_u(X_fit)`` to ``F_o = f_o(X_fit)`` in closed form (:func:`fit_feature_map`).
+    1. On ``fit_batches`` (typically the retain set), fit the map ``W`` from ``F_u = f_u(X_fit)`` to
+       ``F_o = f_o(X_fit)`` in closed form (:func:`fit_feature_map`): affine ``F_u W + b`` by default,
+       linear ``F_u W`` (METHODS.md 4.3's form) with ``intercept=False``.
     2. Classify ``attack_batches`` (typically the forget set) with the *original* head ``g_o`` (the
-       original's final ``nn.Linear``) on the mapped features: ``g_o(f_u(x) W)``.
+       original's final ``nn.Linear``) on the mapped features: ``g_o(f_u(x) W + b)``.
+
+    The affine map is the stronger attack: its intercept can send features contracted to one point
+    (OPC) into any region of the original's feature space, while the linear map sends the origin to
+    the origin, where the original head answers with its bias alone.
 
     Args:
         unlearned, original: classifiers whose last layer is an ``nn.Linear``; neither is changed.
         fit_batches, attack_batches: ``(inputs, targets)`` batches, targets ``[B]`` class indices.
         ridge: relative ridge penalty (a fraction of the average per-dimension variance of the
             unlearned features on the fitting set; see :func:`fit_affine_map`).
+        intercept: fit the affine map (True) or the linear one (False).
         feature_map: a map already fitted by :func:`fit_feature_map` on ``fit_batches`` (attacking
-            several sets with one fit); ``fit_batches`` and ``ridge`` are then not used.
+            several sets with one fit); ``fit_batches``, ``ridge`` and ``intercept`` are then not used.
 
     Returns:
         ``{"recovered_acc", "unlearned_acc", "original_acc"}``: top-1 accuracies on the attack set in
@@ -230,11 +290,12 @@ def feature_mapping_attack(
         :attr:`FeatureMap.r2` on the fitting set; ``"n_fit"``, ``"n_attack"``: sample counts.
 
     Raises:
-        ValueError: on empty batches, bad targets, a model without a final ``nn.Linear``, or ``ridge < 0``.
+        ValueError: on empty batches, bad targets, a model without a final ``nn.Linear``, ``ridge < 0``, or a
+            non-bool ``intercept``.
     """
     head = final_linear(original)
     if feature_map is None:
-        feature_map = fit_feature_map(unlearned, original, fit_batches, ridge=ridge)
+        feature_map = fit_feature_map(unlearned, original, fit_batches, ridge=ridge, intercept=intercept)
     weight = head.weight.detach().to(torch.float64)
     bias = None if head.bias is None else head.bias.detach().to(torch.float64)
     correct = {"recovered_acc": 0, "unlearned_acc": 0, "original_acc": 0}
