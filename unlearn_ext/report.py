@@ -145,6 +145,7 @@ def print_table(report: dict) -> None:
         Console().print(
             "deep forgetting (x100): FM-rec = accuracy of the feature-mapping recovery attack (affine map fitted on "
             "retain features to the original's, then the original head) on the forget set / the whole test set; "
+            "FMlin = the same with the paper's linear map (no intercept) on the forget set; "
             "FT-rec = forget accuracy after 50 SGD steps on 256 retain samples; CKA orig = linear CKA of the "
             "forget set's features to the original's"
         )
