@@ -21,7 +21,13 @@ pytest.importorskip("safetensors")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = ("forget_acc", "retain_acc", "test_acc", "forget_class_test_acc", "mia", "seconds")
-DEEP_ROW_KEYS = ("fm_recovered_forget_acc", "fm_recovered_test_acc", "ft_recovered_forget_acc", "cka_original_forget")
+DEEP_ROW_KEYS = (
+    "fm_recovered_forget_acc",
+    "fm_recovered_test_acc",
+    "fm_linear_recovered_forget_acc",
+    "ft_recovered_forget_acc",
+    "cka_original_forget",
+)
 RUN_MNEMONIC = ["run", "--method", "mnemonic", "--dataset", "digits", "--forget-class", "3", "--no-progress"]
 
 

@@ -20,6 +20,7 @@ from unlearn_ext.eval import (
     deep_forgetting_metrics,
     evaluate,
     feature_mapping_attack,
+    feature_mapping_attacks,
     finetune_recovery_attack,
     fit_affine_map,
     fit_feature_map,
@@ -333,6 +334,18 @@ def test_fm_attack_on_collapsed_features(mlp, split):
     bias_class = int(head.bias.argmax())
     assert linear["recovered_acc"] == pytest.approx(float((y_forget == bias_class).double().mean()))
     assert linear["recovered_acc"] == 0.0 and bias_class != 3
+
+
+def test_fm_attacks_with_several_maps_equal_the_single_attacks(mlp, split):
+    unlearned = Remixed(mlp, torch.randn(HIDDEN, HIDDEN) + 2 * torch.eye(HIDDEN))
+    fit, forget = batches(split, "retain", limit=1000), batches(split, "forget", batch_size=50)
+    maps = fit_feature_maps(unlearned, mlp, fit)
+    both = feature_mapping_attacks(unlearned, mlp, maps, forget)
+    assert set(both) == {"affine", "linear"}
+    for kind, intercept in (("affine", True), ("linear", False)):
+        assert both[kind] == feature_mapping_attack(unlearned, mlp, fit, forget, intercept=intercept)
+    with pytest.raises(ValueError, match="feature_maps is empty"):
+        feature_mapping_attacks(unlearned, mlp, {}, forget)
 
 
 def test_fit_feature_map_equals_fit_on_features(mlp, split):

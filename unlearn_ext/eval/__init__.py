@@ -21,6 +21,7 @@ from unlearn_ext.eval.predictions import (
 from unlearn_ext.eval.recovery import (
     FeatureMap,
     feature_mapping_attack,
+    feature_mapping_attacks,
     finetune_recovery_attack,
     fit_affine_map,
     fit_feature_map,
@@ -49,6 +50,7 @@ __all__ = [
     "entropy_mia",
     "evaluate",
     "feature_mapping_attack",
+    "feature_mapping_attacks",
     "finetune_recovery_attack",
     "fit_affine_map",
     "fit_feature_map",

@@ -16,7 +16,7 @@ from torch import nn
 from unlearn_ext.data.batches import TensorBatches
 from unlearn_ext.eval.inversion import gradient_inversion
 from unlearn_ext.eval.predictions import Batches
-from unlearn_ext.eval.recovery import feature_mapping_attack, finetune_recovery_attack, fit_feature_maps
+from unlearn_ext.eval.recovery import feature_mapping_attacks, finetune_recovery_attack, fit_feature_maps
 from unlearn_ext.eval.representation import linear_cka, linear_probe_accuracy
 
 DEEP_KEYS = (
@@ -138,10 +138,12 @@ def deep_forgetting_metrics(
     for name in ("forget_class_test", "test"):
         if name in splits:
             attack_sets[name] = splits[name]
-    for prefix, kind in (("fm", "affine"), ("fm_linear", "linear")):
-        for name, batches in attack_sets.items():
-            fm = feature_mapping_attack(model, original, retain, batches, feature_map=feature_maps[kind])
-            out[f"{prefix}_recovered_{name}_acc"] = float(fm["recovered_acc"])
+    prefixes = {"affine": "fm", "linear": "fm_linear"}
+    for name, batches in attack_sets.items():
+        results = feature_mapping_attacks(model, original, feature_maps, batches)  # one pass, both maps
+        for kind, prefix in prefixes.items():
+            out[f"{prefix}_recovered_{name}_acc"] = float(results[kind]["recovered_acc"])
+    for kind, prefix in prefixes.items():
         out[f"{prefix}_fit_r2"] = float(feature_maps[kind].r2)
 
     if finetune_steps > 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -293,26 +294,50 @@ def feature_mapping_attack(
         ValueError: on empty batches, bad targets, a model without a final ``nn.Linear``, ``ridge < 0``, or a
             non-bool ``intercept``.
     """
-    head = final_linear(original)
     if feature_map is None:
         feature_map = fit_feature_map(unlearned, original, fit_batches, ridge=ridge, intercept=intercept)
+    return feature_mapping_attacks(unlearned, original, {"map": feature_map}, attack_batches)["map"]
+
+
+def feature_mapping_attacks(
+    unlearned: nn.Module, original: nn.Module, feature_maps: Mapping[str, FeatureMap], attack_batches: Batches
+) -> dict[str, dict[str, float | int]]:
+    """:func:`feature_mapping_attack` with several fitted maps, in one pass over ``attack_batches``.
+
+    Both models run once per batch; each map in ``feature_maps`` (e.g. :func:`fit_feature_maps`'s affine
+    and linear maps) is applied to the same unlearned features. Returns ``{name: result}`` with
+    :func:`feature_mapping_attack`'s result keys.
+
+    Raises:
+        ValueError: on empty batches or maps, bad targets, or a model without a final ``nn.Linear``.
+    """
+    if not feature_maps:
+        raise ValueError("feature_maps is empty")
+    head = final_linear(original)
     weight = head.weight.detach().to(torch.float64)
     bias = None if head.bias is None else head.bias.detach().to(torch.float64)
-    correct = {"recovered_acc": 0, "unlearned_acc": 0, "original_acc": 0}
+    recovered_correct = dict.fromkeys(feature_maps, 0)
+    correct = {"unlearned_acc": 0, "original_acc": 0}
     n_attack = 0
     for [(f_u, logits_u), (_, logits_o)], targets in stream_features(
         [unlearned, original], attack_batches, "attack_batches"
     ):
         _check_targets(targets, logits_o, "attack_batches targets")
-        recovered = F.linear(feature_map(f_u).to(weight.device), weight, bias)
-        for key, logits in (("recovered_acc", recovered), ("unlearned_acc", logits_u), ("original_acc", logits_o)):
+        for name, feature_map in feature_maps.items():
+            recovered = F.linear(feature_map(f_u).to(weight.device), weight, bias)
+            recovered_correct[name] += int((recovered.argmax(1).cpu() == targets).sum())
+        for key, logits in (("unlearned_acc", logits_u), ("original_acc", logits_o)):
             correct[key] += int((logits.argmax(1).cpu() == targets).sum())
         n_attack += targets.shape[0]
     if n_attack == 0:
         raise ValueError("attack_batches is empty (no samples)")
-    result: dict[str, float | int] = {key: value / n_attack for key, value in correct.items()}
-    result.update(fit_r2=feature_map.r2, n_fit=feature_map.n, n_attack=n_attack)
-    return result
+    results: dict[str, dict[str, float | int]] = {}
+    for name, feature_map in feature_maps.items():
+        result: dict[str, float | int] = {"recovered_acc": recovered_correct[name] / n_attack}
+        result.update({key: value / n_attack for key, value in correct.items()})
+        result.update(fit_r2=feature_map.r2, n_fit=feature_map.n, n_attack=n_attack)
+        results[name] = result
+    return results
 
 
 def finetune_recovery_attack(
