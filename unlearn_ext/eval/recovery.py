@@ -226,12 +226,18 @@ def fit_feature_maps(
         ValueError: on empty batches, a model without a final ``nn.Linear``, or as :func:`fit_affine_map`.
     """
     _check_ridge(ridge)
+    acc = _feature_statistics(unlearned, original, fit_batches)
+    return {"affine": acc.solve(ridge, intercept=True), "linear": acc.solve(ridge, intercept=False)}
+
+
+def _feature_statistics(unlearned: nn.Module, original: nn.Module, fit_batches: Batches) -> _AffineRidge:
+    """The ridge statistics of ``original``'s penultimate features on ``unlearned``'s, one pass."""
     acc = _AffineRidge()
     for [(f_u, _), (f_o, _)], _ in stream_features([unlearned, original], fit_batches, "fit_batches"):
         acc.update(f_u, f_o)
     if acc.n == 0:
         raise ValueError("fit_batches is empty (no samples)")
-    return {"affine": acc.solve(ridge, intercept=True), "linear": acc.solve(ridge, intercept=False)}
+    return acc
 
 
 def fit_feature_map(
@@ -245,8 +251,9 @@ def fit_feature_map(
     Raises:
         ValueError: on empty batches, a model without a final ``nn.Linear``, or as :func:`fit_affine_map`.
     """
+    _check_ridge(ridge)
     _check_intercept(intercept)
-    return fit_feature_maps(unlearned, original, fit_batches, ridge=ridge)["affine" if intercept else "linear"]
+    return _feature_statistics(unlearned, original, fit_batches).solve(ridge, intercept=intercept)
 
 
 # --------------------------------------------------------------------------------------------
