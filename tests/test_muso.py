@@ -163,6 +163,26 @@ def test_muso_runs_and_leaves_the_input_untouched(mlp, split):
         assert entry["projector_effect"] >= 0.0
 
 
+def test_forget_labels_hook_sets_the_labels_trained_on(mlp, split):
+    """A subclass overriding ``_forget_labels`` (benchmarks/muso_oracle.py) trains on those labels: here
+    every forget sample gets the next class, so none keeps its true class and the model learns them."""
+    from unlearn_ext.methods.muso import MUSO
+
+    class NextClass(MUSO):
+        def _forget_labels(self, model, index, x, relabel, original_logits):
+            assert not model.training and not torch.is_grad_enabled() and original_logits.shape == (x.shape[0], 10)
+            return (original_logits.argmax(1) + 1) % 10  # the original prediction, shifted by one
+
+    b = split.batches(batch_size=128)
+    method = NextClass(epochs=5, lr=1e-2, progress=False)
+    out = method.unlearn(mlp, b["forget"], b["retain"])
+    assert all(e["forget_relabel_keeps_true"] < 0.05 for e in method.log)
+    with torch.no_grad():
+        pred = torch.cat([out(x).argmax(1) for x, _ in b["forget"]])
+        shifted = torch.cat([(mlp(x).argmax(1) + 1) % 10 for x, _ in b["forget"]])
+    assert float((pred == shifted).float().mean()) > 0.5  # the forget set learned the labels it was given
+
+
 def test_muso_bad_input(mlp, split):
     b = split.batches(batch_size=128)
     bare = copy.deepcopy(mlp)

@@ -316,6 +316,15 @@ class MUSO(Unlearner):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if self.schedule == "cosine" else None
         return opt, sched
 
+    def _forget_labels(
+        self, model: nn.Module, index: int, x: torch.Tensor, relabel: torch.Tensor, original_logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The hard labels ``[B]`` of forget batch ``index`` (inputs ``x`` on the model's device), called in
+        eval mode under ``no_grad``: ``argmax(z~_net(x) R - m_orig(x))`` (:func:`forget_scores`).
+        ``benchmarks/muso_oracle.py`` overrides it to train MUSO's schedule on the retrained model's labels."""
+        feats, _ = features_and_logits(model, x)
+        return forget_scores(feats, relabel, original_logits).argmax(1)
+
     def _unlearn(self, model: nn.Module, forget: Batches, retain: Batches | None) -> None:
         self._check()
         head = final_linear(model)
@@ -357,8 +366,7 @@ class MUSO(Unlearner):
                         x = x.to(device)
                         model.eval()
                         with torch.no_grad():
-                            feats, _ = features_and_logits(model, x)
-                            y = forget_scores(feats, relabel, original_logits[index]).argmax(1)
+                            y = self._forget_labels(model, index, x, relabel, original_logits[index])
                         model.train()
                         stats["kept_true"] += int((y.cpu() == y_true.cpu()).sum())
                         stats["n_forget"] += int(y.shape[0])
