@@ -267,9 +267,9 @@ def assert_low_precision_rule(
 # --------------------------------------------------------------------------------------------
 
 
-def run_cli(args: Sequence[str], crash_at: str | None = None, *, timeout: float = 600):
-    """``python -m unlearn_ext.cli *args`` from this checkout, one thread; ``crash_at`` sets
-    ``UNLEARN_EXT_APPLY_CRASH_AT`` (the apply step where the process SIGKILLs itself)."""
+def run_cli(args: Sequence[str], crash_at: str | None = None, *, timeout: float = 600, cwd=None):
+    """``python -m unlearn_ext.cli *args`` from this checkout (in folder ``cwd``), one thread; ``crash_at``
+    sets ``UNLEARN_EXT_APPLY_CRASH_AT`` (the apply step where the process SIGKILLs itself)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -281,5 +281,10 @@ def run_cli(args: Sequence[str], crash_at: str | None = None, *, timeout: float 
     if crash_at:
         env[CRASH_ENV] = crash_at
     return subprocess.run(
-        [sys.executable, "-m", "unlearn_ext.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "unlearn_ext.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )

@@ -112,6 +112,71 @@ def test_rerun_of_a_published_request_is_a_noop_reporting_the_earlier_result(che
         apply_requests(checkpoint, [both], tmp_path / "other.safetensors")
 
 
+def test_a_request_published_for_one_model_is_applied_to_another(checkpoint, tmp_path):
+    """The same request id on a different input model runs (that model still holds the data); on the
+    model it was published for it stays a no-op; other content under that id is refused for both."""
+    req = write(tmp_path / "req.json", request())
+    first = apply_requests(checkpoint, [req], tmp_path / "a.safetensors")
+    model, record = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.01)  # another deployed model (same config)
+    other = tmp_path / "other-input.safetensors"
+    save_checkpoint(model, other, metadata=record["metadata"])
+    second = apply_requests(other, [req], tmp_path / "b.safetensors")
+    assert first.status == second.status == "published" and (tmp_path / "b.safetensors").is_file()
+    assert second.input_sha256 == sha256_file(other) != first.input_sha256
+    assert apply_requests(checkpoint, [req], tmp_path / "a.safetensors").status == "noop"
+    assert apply_requests(other, [req], tmp_path / "b.safetensors").status == "noop"
+    changed = write(tmp_path / "changed.json", request(hparams={"epochs": 1, "lr": 0.1}))
+    with pytest.raises(RequestError, match="different content"):
+        apply_requests(other, [changed], tmp_path / "c.safetensors")
+
+
+def test_paths_are_audited_resolved_and_only_this_outputs_leftovers_are_removed(checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    own = tmp_path / "real" / ".m.safetensors.ab12_xyz.tmp"  # what mkstemp would name for m.safetensors
+    others = [tmp_path / "real" / ".m.safetensors.v2.ab12xyz9.tmp", tmp_path / "real" / ".m.safetensors.x.tmp"]
+    for p in (own, *others):
+        p.write_bytes(b"partial")
+    monkeypatch.chdir(tmp_path / "link")
+    result = apply_requests(checkpoint, [write(tmp_path / "r.json", request())], "m.safetensors")
+    assert result.status == "published"
+    assert not own.exists() and all(p.exists() for p in others)
+    intent = read_audit(tmp_path / "real" / "unlearn-audit.jsonl")[0]
+    assert intent["output"]["path"] == str(tmp_path.resolve() / "real" / "m.safetensors")
+    assert intent["input"]["path"] == str(checkpoint.resolve())
+
+
+def test_a_crash_under_one_spelling_of_the_output_is_recovered_under_another(checkpoint, tmp_path):
+    req = write(tmp_path / "r1.json", request())
+    args = ["apply", "--checkpoint", str(checkpoint), "--request", str(req), "--no-progress", "--out"]
+    proc = run_cli([*args, "m.safetensors"], "replaced", timeout=300, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    proc = run_cli([*args, str(tmp_path / "m.safetensors")], None, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    events = [(e["event"], e.get("recovered", False)) for e in read_audit(tmp_path / "unlearn-audit.jsonl")]
+    assert events == [("intent", False), ("published", True), ("noop", False)]  # not unlearned twice
+
+
+def test_a_failure_while_publishing_is_audited_and_publishes_nothing(checkpoint, tmp_path, monkeypatch):
+    import unlearn_ext.models.checkpoint as ckpt
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full_disk)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(OSError, match="No space"):
+        apply_requests(checkpoint, [write(tmp_path / "r.json", request())], out)
+    assert not out.exists()
+    events = read_audit(tmp_path / "unlearn-audit.jsonl")
+    assert [e["event"] for e in events] == ["intent", "aborted"] and "No space" in events[1]["error"]
+    monkeypatch.undo()  # the next run publishes (the closed intent is not re-closed)
+    assert apply_requests(checkpoint, [write(tmp_path / "r.json", request())], out).status == "published"
+    assert [e["event"] for e in read_audit(tmp_path / "unlearn-audit.jsonl")][2:] == ["intent", "published"]
+
+
 def test_overwriting_an_output_that_carries_other_deletions_is_refused(checkpoint, tmp_path):
     out = tmp_path / "model.safetensors"
     assert apply_requests(checkpoint, [write(tmp_path / "a.json", request("a"))], out).status == "published"
@@ -285,7 +350,15 @@ def test_damaged_audit_log_is_refused_and_a_torn_last_line_is_skipped(checkpoint
         apply_requests(checkpoint, [write(tmp_path / "r.json", request())], tmp_path / "m.safetensors")
     lines = audit.read_text().splitlines()
     assert lines[1] == '{"event": "intent", "run'  # old bytes untouched, new records on fresh lines
-    assert [json.loads(x)["event"] for x in lines[2:]] == ["intent", "published"]
+    assert [json.loads(x)["event"] for x in lines[2:]] == ["repair", "intent", "published"]
+    # The repair record marks the fragment: the log stays readable and usable afterwards.
+    assert [e["event"] for e in read_audit(audit)] == ["noop", "repair", "intent", "published"]
+    again = apply_requests(checkpoint, [write(tmp_path / "r3.json", request("r3"))], tmp_path / "m3.safetensors")
+    assert again.status == "published" and read_audit(audit)[-1]["event"] == "published"
+    # A damaged line with no repair record after it is still refused, wherever it is.
+    audit.write_text('{"event": "noop"}\n{"event": "int\n{"event": "noop"}\n')
+    with pytest.raises(AuditError, match="line 2"):
+        read_audit(audit)
     audit.write_text('{"event": "noop"}\ngarbage\n{"event": "noop"}\n')
     with pytest.raises(AuditError, match="line 2"):
         apply_requests(checkpoint, [write(tmp_path / "r2.json", request("r2"))], tmp_path / "m2.safetensors")

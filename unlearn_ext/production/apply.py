@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import time
@@ -102,6 +103,11 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _absolute(path: Path) -> Path:
+    """``path`` with its folder resolved (absolute, symlinks in the folder followed), its name kept."""
+    return path.parent.resolve() / path.name
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -130,9 +136,43 @@ def _recover(audit: Path, output: Path) -> list[dict[str, Any]]:
                 },
             )
         )
-    for leftover in output.parent.glob(f".{output.name}.*.tmp"):
+    for leftover in _leftover_temp_files(output):
         leftover.unlink(missing_ok=True)
     return closed
+
+
+def _leftover_temp_files(output: Path) -> list[Path]:
+    """Temporary files :func:`~unlearn_ext.models.checkpoint.atomic_write_bytes` makes for ``output``
+    (``mkstemp``: ``.<name>.<8 random characters>.tmp``), and no other output's."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+    if not output.parent.is_dir():
+        return []
+    return [p for p in output.parent.iterdir() if pattern.fullmatch(p.name)]
+
+
+def _published_from(records: list[dict[str, Any]], input_sha: str) -> dict[str, dict[str, Any]]:
+    """``{request_id: intent}`` of the published runs that started from the checkpoint with sha256
+    ``input_sha`` (latest wins): a request published for another model is not done for this one."""
+    return published_runs(
+        r for r in records if r.get("event") != "intent" or r.get("input", {}).get("sha256") == input_sha
+    )
+
+
+def _audit_publish_failure(
+    audit: Path, base: dict, stage: str, error: Exception, output: Path, out_sha: str | None
+) -> None:
+    """Close a run that failed while publishing: ``failed`` before its intent was written, ``aborted``
+    after it when the output does not hold the new bytes; when it does (the failure came after the
+    rename) the intent stays open for the next run's recovery to close as ``published``."""
+    message = f"{type(error).__name__}: {error}"
+    try:
+        if stage == "serialise":
+            append_audit(audit, {"event": "failed", **base, "stage": stage, "error": message, "versions": _versions()})
+        elif stage == "write" and sha256_file(output) != out_sha:
+            reason = "publishing failed before the checkpoint was in place; nothing was published"
+            append_audit(audit, {"event": "aborted", **base, "stage": stage, "error": message, "reason": reason})
+    except OSError:
+        pass  # the audit log itself is what failed: the error raised is the one to report
 
 
 def _make_job(merged: MergedRequest, data: bytes, source: str, device, batch_size: int):
@@ -224,8 +264,10 @@ def apply_requests(
     """
     from unlearn_ext.models.checkpoint import atomic_write_bytes
 
-    checkpoint, output = Path(checkpoint), Path(output)
-    audit = Path(audit) if audit is not None else output.parent / AUDIT_NAME
+    # One spelling of each path in the audit log and its recovery (relative paths and symlinked folders
+    # resolved; a symlink at the output itself is replaced as a link, as os.replace does).
+    checkpoint, output = _absolute(Path(checkpoint)), _absolute(Path(output))
+    audit = _absolute(Path(audit)) if audit is not None else output.parent / AUDIT_NAME
     parsed = (
         list(requests)
         if requests and all(isinstance(r, DeletionRequest) for r in requests)
@@ -254,7 +296,7 @@ def apply_requests(
             f"requests {in_lineage} were already applied to {checkpoint} (its unlearn_history): nothing to do for them"
         )
     audit_records = read_audit(audit)  # a damaged log is refused before anything is written
-    already = set(published_runs(audit_records))
+    already = set(_published_from(audit_records, input_sha))
     on_disk = sha256_file(output) if output.exists() else None
     for intent in pending_intents(audit_records, str(output)):  # a run that died after its rename
         if on_disk is not None and intent.get("output", {}).get("sha256") == on_disk:
@@ -266,15 +308,17 @@ def apply_requests(
     with OutputLock(output):
         _maybe_crash("locked")
         recovered = _recover(audit, output)
-        published = published_runs(read_audit(audit))
-        done = [r for r in merged.requests if r.request_id in published]
-        for r in done:
-            earlier_digest = published[r.request_id].get("request_sha256", {}).get(r.request_id)
+        records = read_audit(audit)
+        anywhere = published_runs(records)
+        for r in merged.requests:  # an id means one request, whichever model it was applied to
+            earlier_digest = anywhere.get(r.request_id, {}).get("request_sha256", {}).get(r.request_id)
             if earlier_digest is not None and earlier_digest != r.digest:
                 raise RequestError(
-                    f"request id {r.request_id!r} was already applied (run {published[r.request_id]['run_id']}) with "
+                    f"request id {r.request_id!r} was already applied (run {anywhere[r.request_id]['run_id']}) with "
                     "different content: file the change under a new request id"
                 )
+        published = _published_from(records, input_sha)
+        done = [r for r in merged.requests if r.request_id in published]
         if done and len(done) == len(merged.requests):
             earlier = published[done[0].request_id]
             on_disk = sha256_file(earlier["output"]["path"])
@@ -349,23 +393,30 @@ def apply_requests(
             append_audit(audit, {"event": "rejected", **summary, **rejected})
             return result
 
-        t0 = time.perf_counter()
-        meta = dict(record.get("metadata") or {})
-        entry = _history_entry(run_id, merged, job.history_forget(), input_sha, after)
-        meta["unlearn_history"] = [*meta.get("unlearn_history", []), entry]
-        blob = job.serialise(unlearned, meta)
-        out_sha = hashlib.sha256(blob).hexdigest()
-        durations["serialise"] = time.perf_counter() - t0
-        summary["output"] = {"path": str(output), "sha256": out_sha, "bytes": len(blob)}
-        append_audit(audit, {"event": "intent", **summary, "durations_s": durations})
-        _maybe_crash("intent")
-        t0 = time.perf_counter()
-        atomic_write_bytes(output, blob, before_replace=lambda _tmp: _maybe_crash("temp_written"))
-        _maybe_crash("replaced")
-        if sha256_file(output) != out_sha:
-            raise RuntimeError(f"{output} does not hold the bytes just written (sha256 mismatch)")
-        durations["write"] = time.perf_counter() - t0
-        append_audit(audit, {"event": "published", **base, "output": summary["output"], "durations_s": durations})
+        stage, out_sha = "serialise", None
+        try:
+            t0 = time.perf_counter()
+            meta = dict(record.get("metadata") or {})
+            entry = _history_entry(run_id, merged, job.history_forget(), input_sha, after)
+            meta["unlearn_history"] = [*meta.get("unlearn_history", []), entry]
+            blob = job.serialise(unlearned, meta)
+            out_sha = hashlib.sha256(blob).hexdigest()
+            durations["serialise"] = time.perf_counter() - t0
+            summary["output"] = {"path": str(output), "sha256": out_sha, "bytes": len(blob)}
+            append_audit(audit, {"event": "intent", **summary, "durations_s": durations})
+            stage = "write"
+            _maybe_crash("intent")
+            t0 = time.perf_counter()
+            atomic_write_bytes(output, blob, before_replace=lambda _tmp: _maybe_crash("temp_written"))
+            _maybe_crash("replaced")
+            if sha256_file(output) != out_sha:
+                raise RuntimeError(f"{output} does not hold the bytes just written (sha256 mismatch)")
+            durations["write"] = time.perf_counter() - t0
+            stage = "published"
+            append_audit(audit, {"event": "published", **base, "output": summary["output"], "durations_s": durations})
+        except Exception as e:
+            _audit_publish_failure(audit, base, stage, e, output, out_sha)
+            raise
         _maybe_crash("published")
         result.status, result.output_sha256 = "published", out_sha
         return result

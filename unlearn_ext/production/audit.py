@@ -10,11 +10,15 @@ Events (``"event"``):
   rename);
 * ``"rejected"``: a gate failed, nothing was published;
 * ``"failed"``: an error stopped the run before publishing;
-* ``"noop"``: every request id of the run had been published already.
+* ``"noop"``: every request id of the run had been published already;
+* ``"repair"``: written by :func:`append_audit` right after a torn last line (an interrupted write)
+  before it appends on a fresh line; :func:`read_audit` skips a damaged line only when a ``repair``
+  record follows it, so the log stays readable after the append.
 
 Each record is written with a single ``write`` on a file opened with ``O_APPEND`` and ``fsync``ed, so
 records never interleave; a process killed mid-write can at worst leave a last line without its
-newline, which :func:`read_audit` reports and skips (and the next append starts on a new line).
+newline, which :func:`read_audit` reports and skips; the next append starts on a new line with a
+``repair`` record that marks the fragment, so later reads skip it too.
 """
 
 from __future__ import annotations
@@ -65,21 +69,37 @@ def read_audit(path: str | os.PathLike) -> list[dict[str, Any]]:
     lines = data.split(b"\n")
     torn = lines[-1] != b""  # the last line lacks its newline: a write that did not finish
     records = []
+    damaged: tuple[int, Exception] | None = None  # a bad line, pardoned only if a repair record follows
     for number, raw in enumerate(lines[:-1] if not torn else lines, start=1):
         if not raw.strip():
             continue
         is_last = number == len(lines) and torn
         try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or "event" not in record:
-                raise ValueError("not an audit record")
+            record = _parse_record(raw)
         except ValueError as e:
+            if damaged is not None:
+                break
             if is_last:
                 warnings.warn(f"{path}: skipping an incomplete last record (a write was interrupted)", stacklevel=2)
                 continue
-            raise AuditError(f"{path}: line {number} is not a valid audit record ({e}); the log is damaged") from e
+            damaged = (number, e)
+            continue
+        if damaged is not None:
+            if record.get("event") != "repair":
+                break
+            damaged = None
         records.append(record)  # (a complete last record whose newline was lost is kept)
+    if damaged is not None:
+        number, e = damaged
+        raise AuditError(f"{path}: line {number} is not a valid audit record ({e}); the log is damaged") from e
     return records
+
+
+def _parse_record(raw: bytes) -> dict[str, Any]:
+    record = json.loads(raw)
+    if not isinstance(record, dict) or "event" not in record:
+        raise ValueError("not an audit record")
+    return record
 
 
 def append_audit(path: str | os.PathLike, record: dict[str, Any]) -> dict[str, Any]:
@@ -95,8 +115,10 @@ def append_audit(path: str | os.PathLike, record: dict[str, Any]) -> dict[str, A
         if size:
             with open(path, "rb") as f:
                 f.seek(size - 1)
-                if f.read(1) != b"\n":  # a torn last line: start on a fresh one
-                    line = b"\n" + line
+                if f.read(1) != b"\n":  # a torn last line: mark it, then start on a fresh one
+                    repair = {"time": record["time"], "pid": record["pid"], "event": "repair",
+                              "reason": "the line before this one is an interrupted write; readers skip it"}  # fmt: skip
+                    line = b"\n" + json.dumps(repair).encode() + b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
