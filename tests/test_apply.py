@@ -159,6 +159,15 @@ def test_a_crash_under_one_spelling_of_the_output_is_recovered_under_another(che
     assert events == [("intent", False), ("published", True), ("noop", False)]  # not unlearned twice
 
 
+def test_apply_json_prints_one_json_document(checkpoint, tmp_path):
+    req = write(tmp_path / "r.json", request())
+    args = ["apply", "--checkpoint", str(checkpoint), "--request", str(req), "--out", str(tmp_path / "m.safetensors")]
+    proc = run_cli([*args, "--json", "--no-progress"], None, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # nothing else on stdout
+    assert doc["status"] == "published" and doc["output_sha256"] == sha256_file(tmp_path / "m.safetensors")
+
+
 def test_a_failure_while_publishing_is_audited_and_publishes_nothing(checkpoint, tmp_path, monkeypatch):
     import unlearn_ext.models.checkpoint as ckpt
 

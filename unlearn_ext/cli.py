@@ -201,6 +201,7 @@ def _apply(args) -> int:
     console = Console(soft_wrap=True)  # no wrapping: the lines are log lines
     if args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}, default=str))
+        return 0 if result.status != "rejected" else 3  # stdout holds the JSON document only
     ids = ", ".join(result.request_ids)
     if result.status == "noop":
         state = result.earlier["output_state"]

@@ -35,7 +35,7 @@ _CONV_CHUNK_BYTES = 16 << 20
 @triton.jit
 def _add_tile(out_ptr, sfo, offs_o, offs_i, mask_o, mask_i, tile):
     """out[offs_o, offs_i] += tile (masked); the program owns this tile, so no atomics."""
-    ptrs = out_ptr + offs_o[:, None] * sfo + offs_i[None, :]
+    ptrs = out_ptr + offs_o[:, None].to(tl.int64) * sfo + offs_i[None, :]  # int64: d_out * d_in may pass 2^31
     mask = mask_o[:, None] & mask_i[None, :]
     prev = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, prev + tile, mask=mask)
@@ -82,7 +82,7 @@ def _sq_grad_segmented_kernel(
                 x = x.to(tl.float32)
             acc += tl.dot(g, x, input_precision=PRECISION, out_dtype=ACC)
         f += w * acc * acc
-    _add_tile(out_ptr + k * sfk, sfo, offs_o, offs_i, mask_o, mask_i, f)
+    _add_tile(out_ptr + k.to(tl.int64) * sfk, sfo, offs_o, offs_i, mask_o, mask_i, f)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _sq_grad_pairs_kernel(
         a = g1 * g2 * c[None, :].to(ACC)
         bx = x1 * x2
         acc += tl.dot(a, bx, input_precision=PRECISION, out_dtype=ACC)
-    _add_tile(out_ptr + k * sfk, sfo, offs_o, offs_i, mask_o, mask_i, acc)
+    _add_tile(out_ptr + k.to(tl.int64) * sfk, sfo, offs_o, offs_i, mask_o, mask_i, acc)
 
 
 @triton.jit
