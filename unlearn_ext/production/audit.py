@@ -116,7 +116,7 @@ def append_audit(path: str | os.PathLike, record: dict[str, Any]) -> dict[str, A
             with open(path, "rb") as f:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":  # a torn last line: mark it, then start on a fresh one
-                    reason = "the line before this one is an interrupted write; readers skip it"
+                    reason = "the line before this one had no newline (an interrupted write): skipped unless whole"
                     repair = {"time": record["time"], "pid": record["pid"], "event": "repair", "reason": reason}
                     line = b"\n" + json.dumps(repair).encode() + b"\n" + line
         os.write(fd, line)
