@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -119,11 +120,7 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     return res;
   }
   const bool gather = n_act < p.N;
-  if (grad) {  // the first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill)
-    res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
-    res.gw = at::empty({p.V, p.H}, opts);
-    if (p.bias.defined()) res.gb = at::empty({p.V}, opts);
-  }
+  if (grad) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
   auto take = [&](const at::Tensor& t) { return gather ? t.index_select(0, idx).contiguous() : t; };
   const at::Tensor h = take(p.hidden);
   const at::Tensor tgt_a = take(p.target).contiguous();
@@ -139,8 +136,12 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
   const int64_t elem = static_cast<int64_t>(p.hidden.element_size());
   const int64_t budget = p.hidden.is_cpu() ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
                                            : kHeadChunkBytes;
-  const int64_t rows =
-      std::min<int64_t>(n_act, head_tokens_per_chunk(p.V, elem, "UNLEARN_EXT_CE_CHUNK_ROWS", budget));
+  const char* env = "UNLEARN_EXT_CE_CHUNK_ROWS";
+  const int64_t rows = head_rows_for_grad(head_tokens_per_chunk(p.V, elem, env, budget), n_act, p.H,
+                                          p.hidden.scalar_type(), grad, env);
+  // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
+  std::optional<HeadGradSums> sums;
+  if (grad) sums.emplace(p.V, p.H, p.bias.defined(), opts, (n_act + rows - 1) / rows);
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
   CENormChunk chunk;
   chunk.squared = squared;
@@ -156,7 +157,12 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     chunk.coef = grad ? coef_a.narrow(0, n0, m) : at::Tensor();
     chunk.out = val_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), res.gw, res.gb, n0 == 0);
+    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
+  }
+  if (grad) {
+    zbuf = chunk.z = at::Tensor();  // freed before the sums are rounded
+    res.gw = sums->weight();
+    res.gb = sums->bias();
   }
   if (gather) {
     res.values.index_copy_(0, idx, val_a);

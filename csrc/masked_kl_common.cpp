@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -24,10 +25,10 @@
 namespace unlearn_ext {
 namespace {
 
+constexpr const char* kChunkRowsEnv = "UNLEARN_EXT_KL_CHUNK_ROWS";
+
 // Tokens per chunk: about 32 MiB of logits per model, or UNLEARN_EXT_KL_CHUNK_ROWS.
-int64_t tokens_per_chunk(int64_t V, size_t elem_size) {
-  return head_tokens_per_chunk(V, elem_size, "UNLEARN_EXT_KL_CHUNK_ROWS");
-}
+int64_t tokens_per_chunk(int64_t V, size_t elem_size) { return head_tokens_per_chunk(V, elem_size, kChunkRowsEnv); }
 
 // ---------------------------------------------------------------------------------------------
 // Validation
@@ -181,11 +182,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     return res;
   }
   const bool gather = n_act < p.N;
-  if (grad) {  // the first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill)
-    res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
-    res.gw = at::empty({p.V, p.H}, opts);
-    if (p.bias.defined()) res.gb = at::empty({p.V}, opts);
-  }
+  if (grad) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
   auto take = [&](const at::Tensor& t) { return gather ? t.index_select(0, idx).contiguous() : t; };
   const at::Tensor h = take(p.hidden);
   const at::Tensor kl_row_a = take(kl_row).to(at::kByte).contiguous();
@@ -197,7 +194,11 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
   at::Tensor kl_a = at::zeros({n_act}, acc_opts), ce_a = at::zeros({n_act}, acc_opts);
   at::Tensor gh_a = grad ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
 
-  const int64_t rows = std::min<int64_t>(n_act, tokens_per_chunk(p.V, p.hidden.element_size()));
+  const int64_t rows = head_rows_for_grad(tokens_per_chunk(p.V, p.hidden.element_size()), n_act, p.H,
+                                          p.hidden.scalar_type(), grad, kChunkRowsEnv);
+  // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
+  std::optional<HeadGradSums> sums;
+  if (grad) sums.emplace(p.V, p.H, p.bias.defined(), opts, (n_act + rows - 1) / rows);
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
   at::Tensor rbuf = any_kl_row ? at::empty({rows, p.V}, opts) : at::Tensor();
 
@@ -229,7 +230,12 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     chunk.kl_out = kl_a.narrow(0, n0, m);
     chunk.ce_out = ce_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), res.gw, res.gb, n0 == 0);
+    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
+  }
+  if (grad) {
+    zbuf = rbuf = chunk.z = chunk.r = at::Tensor();  // freed before the sums are rounded
+    res.gw = sums->weight();
+    res.gb = sums->bias();
   }
   if (gather) {
     res.kl.index_copy_(0, idx, kl_a);

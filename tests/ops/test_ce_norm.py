@@ -423,6 +423,42 @@ def test_cpp_rejects_half_precision_on_cpu():
     assert fused_linear_ce_norm(**d, backend="reference").dtype == torch.float32
 
 
+def _skip_interpreted_bfloat16(backend, dtype):
+    if dtype == torch.bfloat16 and backend_device(backend) != "cuda":
+        # Measured: the interpreter's float32 -> bfloat16 conversion truncates (fp_downcast_rounding
+        # too), so a kernel's bfloat16 outputs carry twice the rounding error there; float16 rounds.
+        pytest.skip("bfloat16 kernel outputs are checked on a GPU (the Triton interpreter truncates)")
+
+
+LOW_PRECISION_KERNELS = [
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.requires_cuda], id="cuda"),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.requires_triton], id="triton"),
+]
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_rows", ["8", "128"], ids=["32-chunks", "2-chunks"])
+def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, backend, dtype, chunk_rows):
+    """The [V, H] weight and bias gradients summed over 32 chunks (float32 sums) or 2 (in place) stay
+    within 2x plain PyTorch's error (DESIGN.md 6), with hidden states that share a direction (each
+    rounding of a partial sum then counts: in-place bfloat16 sums over 32 chunks are about 3x)."""
+    _skip_interpreted_bfloat16(backend, dtype)
+    monkeypatch.setenv("UNLEARN_EXT_CE_CHUNK_ROWS", chunk_rows)
+    d = _inputs(256, 32, 300, dtype, seed=3)
+    d["hidden"] = (d["hidden"].double() + 1.0).to(dtype)
+    _, wgrads = _run(reference, _to64(d), 1.0)
+    _, grads = _run(_kernel(backend), _on(d, backend), 1.0)
+    _, pgrads = _run(reference, _on(d, backend), 1.0)  # one GEMM per gradient, as plain PyTorch
+
+    def err(a, b):
+        return float((a.double().cpu() - b).abs().max())
+
+    for k in ("weight", "bias"):
+        assert grads[k].dtype == dtype
+        assert err(grads[k], wgrads[k]) <= 2 * err(pgrads[k], wgrads[k]), k
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -432,9 +468,8 @@ def test_cpp_rejects_half_precision_on_cpu():
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_error_at_most_twice_plain_pytorch(backend, dtype):
-    """DESIGN.md 6: on a GPU, our error against the float64 reference is at most 2x plain PyTorch's."""
-    if backend_device(backend) != "cuda":
-        pytest.skip("low-precision GEMMs are checked on a GPU (the Triton interpreter upcasts)")
+    """DESIGN.md 6: our error against the float64 reference is at most 2x plain PyTorch's."""
+    _skip_interpreted_bfloat16(backend, dtype)
     d = _inputs(300, 64, 2000, dtype)
     want, wgrads = _run(reference, _to64(d), 1.0)
     got, grads = _run(_kernel(backend), _on(d, backend), 1.0)
@@ -443,6 +478,9 @@ def test_low_precision_error_at_most_twice_plain_pytorch(backend, dtype):
     def err(a, b):
         return float((a.double().cpu() - b).abs().max())
 
-    assert err(got, want) <= 2 * err(plain, want) + 1e-6
+    def slack(b):  # float32 rounding of the accumulated values, far below a low-precision ulp
+        return 1e-6 * float(b.abs().max())
+
+    assert err(got, want) <= 2 * err(plain, want) + slack(want)
     for k in grads:
-        assert err(grads[k], wgrads[k]) <= 2 * err(pgrads[k], wgrads[k]) + 1e-6, k
+        assert err(grads[k], wgrads[k]) <= 2 * err(pgrads[k], wgrads[k]) + slack(wgrads[k]), k

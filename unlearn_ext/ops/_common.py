@@ -159,9 +159,13 @@ def scale_saved_grads(saved, grad_loss: torch.Tensor, needs: Sequence[bool], has
     scaled copy would double it. Only a plain tensor's value is inspected (not a fake or functional
     tensor under tracing, which always multiplies)."""
     gh, gw, gb = saved
-    g = grad_loss.to(gh.dtype)
-    unit = type(g) is torch.Tensor and g.device.type != "meta" and bool(g == 1)
-    out = [t if unit else t * g for t in (gh, gw, gb)]
+    if type(grad_loss) is torch.Tensor and grad_loss.device.type != "meta":
+        # The factor in full precision: a bfloat16 copy of it (0.3 -> 0.30078) would scale every
+        # gradient by the same wrong amount.
+        s = float(grad_loss)
+        out = [t if s == 1.0 else t * s for t in (gh, gw, gb)]
+    else:
+        out = [t * grad_loss.to(t.dtype) for t in (gh, gw, gb)]
     return (
         out[0] if needs[0] else None,
         out[1] if needs[1] else None,

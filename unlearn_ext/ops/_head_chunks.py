@@ -12,18 +12,39 @@ import triton
 
 from unlearn_ext._triton import interpreter_enabled
 
-_CHUNK_ELEMS = 8 << 20  # logits per chunk of rows (32 MiB in float32)
+_CHUNK_BYTES = 32 << 20  # logits per chunk of rows, per model
+
+# Chunks over which a bfloat16/float16 weight gradient is summed in its own dtype; past this, in
+# float32 (csrc/include/unlearn_ext/linear_head.h kMaxLowPrecisionChunks says why).
+MAX_LOW_PRECISION_CHUNKS = 2
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def rows_per_chunk(vocab: int, env_name: str) -> int:
-    """Rows per chunk: about 32 MiB of float32 logits, or the value of ``env_name`` (tests use it)."""
+def rows_per_chunk(vocab: int, env_name: str, elem_size: int = 4) -> int:
+    """Rows per chunk: about 32 MiB of logits in the input dtype (``elem_size`` bytes each), or the
+    value of ``env_name`` (tests use it)."""
+    forced = _rows_from_env(env_name)
+    return forced or max(1, _CHUNK_BYTES // (vocab * elem_size))
+
+
+def rows_for_grad(rows: int, n: int, hidden_dim: int, dtype: torch.dtype, weight_grad: bool, env_name: str) -> int:
+    """``rows`` raised to a quarter of the ``[V, hidden_dim]`` weight's size in logits when a
+    bfloat16/float16 weight gradient is computed (fewer passes over the float32 sums; up to
+    ``hidden_dim / 2`` tokens need none); a row count set in ``env_name`` is kept. At most ``n``."""
+    if weight_grad and dtype in _LOW_PRECISION and not _rows_from_env(env_name):
+        rows = max(rows, hidden_dim // 4)
+    return max(1, min(rows, n))
+
+
+def _rows_from_env(env_name: str) -> int:
     env = os.environ.get(env_name, "")
-    if env:
-        rows = int(env)
-        if rows < 1:
-            raise ValueError(f"{env_name} must be a positive integer, got {env!r}")
-        return rows
-    return max(1, _CHUNK_ELEMS // vocab)
+    if not env:
+        return 0
+    rows = int(env)
+    if rows < 1:
+        raise ValueError(f"{env_name} must be a positive integer, got {env!r}")
+    return rows
 
 
 def block_v(vocab: int) -> int:
@@ -46,15 +67,71 @@ def logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias: torch.T
         torch.mm(h, w.T, out=z)
 
 
-def accumulate_grads(g, h, w, gh, gw, gb, first: bool) -> None:
-    """From a chunk's ``g = dLoss/dz`` ``[m, V]``: ``gh = g @ w`` (the chunk's rows), and ``gw``
-    (``[V, H]``), ``gb`` (``[V]`` or None) set by the first chunk, accumulated by the others."""
+class HeadGradSums:
+    """The ``[V, H]`` weight (and ``[V]`` bias) gradient of a head summed over ``chunks`` chunks of
+    tokens: in place in the head's dtype (float32/float64, or bfloat16/float16 over at most
+    MAX_LOW_PRECISION_CHUNKS chunks), else in float32 and rounded once by ``result()``. A
+    bfloat16/float16 bias gradient is always summed in float32."""
+
+    def __init__(self, vocab: int, hidden_dim: int, bias: bool, dtype: torch.dtype, device, chunks: int):
+        low = dtype in _LOW_PRECISION
+        self.dtype = dtype
+        wdt = torch.float32 if low and chunks > MAX_LOW_PRECISION_CHUNKS else dtype
+        self.gw = torch.empty(vocab, hidden_dim, dtype=wdt, device=device)
+        self.gb = torch.empty(vocab, dtype=torch.float32 if low else dtype, device=device) if bias else None
+        self._tmp = None
+        self._started = False
+
+    def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
+        """Adds a chunk: ``g = dLoss/dz`` ``[m, V]`` and its hidden states ``h`` ``[m, H]``."""
+        first = not self._started
+        self._started = True
+        if self.gw.dtype == g.dtype:
+            if first:
+                torch.mm(g.T, h, out=self.gw)
+            else:
+                self.gw.addmm_(g.T, h)
+        else:
+            self._add_in_float32(g, h, first)
+        if self.gb is not None:
+            if first:
+                torch.sum(g, 0, dtype=self.gb.dtype, out=self.gb)
+            else:
+                self.gb.add_(g.sum(0, dtype=self.gb.dtype))
+
+    def _add_in_float32(self, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+        if g.device.type != "cuda":  # no float32-output GEMM for low-precision CPU tensors: upcast
+            if first:
+                torch.mm(g.T.float(), h.float(), out=self.gw)
+            else:
+                self.gw.addmm_(g.T.float(), h.float())
+            return
+        vocab, hidden_dim = self.gw.shape
+        slab = max(1, min(vocab, _CHUNK_BYTES // (hidden_dim * 4)))  # the float32 temporary's rows
+        if not first and self._tmp is None:
+            self._tmp = torch.empty(slab, hidden_dim, dtype=torch.float32, device=g.device)
+        for v0 in range(0, vocab, slab):
+            s = min(slab, vocab - v0)
+            dst, gs = self.gw[v0 : v0 + s], g[:, v0 : v0 + s].T
+            if first:
+                torch.mm(gs, h, out_dtype=torch.float32, out=dst)
+            else:
+                t = self._tmp[:s]
+                torch.mm(gs, h, out_dtype=torch.float32, out=t)
+                dst.add_(t)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(grad_weight, grad_bias or None)`` in the head's dtype (zeros when nothing was added)."""
+        if not self._started:
+            self.gw.zero_()
+            if self.gb is not None:
+                self.gb.zero_()
+        gb = self.gb.to(self.dtype) if self.gb is not None else None
+        return self.gw.to(self.dtype), gb
+
+
+def accumulate_grads(g, h, w, gh, sums: HeadGradSums) -> None:
+    """From a chunk's ``g = dLoss/dz`` ``[m, V]``: ``gh = g @ w`` (the chunk's rows) and the chunk
+    added to ``sums``."""
     torch.mm(g, w, out=gh)
-    if first:
-        torch.mm(g.T, h, out=gw)
-        if gb is not None:
-            torch.sum(g, 0, out=gb)
-    else:
-        gw.addmm_(g.T, h)
-        if gb is not None:
-            gb.add_(g.sum(0))
+    sums.add(g, h)

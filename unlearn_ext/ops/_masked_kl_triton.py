@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from unlearn_ext.ops._common import accum_dtype
-from unlearn_ext.ops._head_chunks import accumulate_grads, block_v, check_finite, logits_into, rows_per_chunk
+from unlearn_ext.ops._head_chunks import (
+    HeadGradSums,
+    accumulate_grads,
+    block_v,
+    check_finite,
+    logits_into,
+    rows_for_grad,
+    rows_per_chunk,
+)
 
 
 @triton.jit
@@ -173,10 +181,10 @@ def _run(
     if grad:
         gh = torch.zeros(n, h_dim, dtype=dt, device=dev) if gather else torch.empty(n, h_dim, dtype=dt, device=dev)
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
-        gw = torch.empty(v, h_dim, dtype=dt, device=dev)
-        gb = torch.empty(v, dtype=dt, device=dev) if bias is not None else None
     vm = vocab_mask.to(acc).contiguous() if vocab_mask is not None else kl_a
-    rows = min(n_act, rows_per_chunk(v, "UNLEARN_EXT_KL_CHUNK_ROWS"))
+    env = "UNLEARN_EXT_KL_CHUNK_ROWS"
+    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, grad, env)
+    sums = HeadGradSums(v, h_dim, bias is not None, dt, dev, -(-n_act // rows)) if grad else None
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     rbuf = torch.empty(rows, v, dtype=dt, device=dev) if any_kl else None
     w = weight.contiguous()
@@ -200,7 +208,10 @@ def _run(
             ACC=acc_tl, BLOCK_V=block,
         )  # fmt: skip
         if grad:
-            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], gw, gb, first=n0 == 0)
+            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], sums)
+    if grad:
+        z = r = zbuf = rbuf = None  # freed before the sums are rounded
+        gw, gb = sums.result()
     if gather:
         kl.index_copy_(0, idx, kl_a)
         ce.index_copy_(0, idx, ce_a)
