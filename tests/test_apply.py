@@ -253,6 +253,9 @@ def test_apply_errors_are_clear_and_write_nothing(checkpoint, tmp_path):
             RequestError,
             "classifier checkpoint: concept requests need a multimodal checkpoint",
         ),
+        # Hyperparameter values are checked here, before the lock, not when unlearning starts.
+        (request(hparams={"epochs": 3, "lr": -0.1}), RequestError, "method 'neggrad': .*lr"),
+        (request(hparams={"epochs": 0}), RequestError, "method 'neggrad': .*epochs"),
     ]
     for i, (obj, exc, pattern) in enumerate(cases):
         with pytest.raises(exc, match=pattern):
@@ -275,6 +278,52 @@ def test_a_failure_while_unlearning_is_audited(checkpoint, tmp_path):
     (failed,) = read_audit(tmp_path / "unlearn-audit.jsonl")
     assert failed["event"] == "failed" and failed["stage"] == "unlearn" and "diverged" in failed["error"]
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_divergence_is_a_clear_cli_error_not_a_traceback(checkpoint, tmp_path):
+    diverge = write(tmp_path / "r.json", request(method="finetune", hparams={"epochs": 1, "lr": 1e30}))
+    args = ["apply", "--checkpoint", str(checkpoint), "--request", str(diverge), "--no-progress"]
+    proc = run_cli([*args, "--out", str(tmp_path / "o.safetensors")], None, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "unlearn apply: error: " in proc.stderr and "diverged" in proc.stderr
+    assert "Traceback" not in proc.stderr and "nothing was published" in proc.stderr
+    assert [e["event"] for e in read_audit(tmp_path / "unlearn-audit.jsonl")] == ["failed"]
+
+
+def test_the_audit_records_every_hyperparameter_used(checkpoint, tmp_path):
+    from unlearn_ext.methods import get_method
+
+    result = apply_requests(checkpoint, [write(tmp_path / "r.json", request())], tmp_path / "o.safetensors")
+    intent = next(e for e in read_audit(result.audit) if e["event"] == "intent")
+    assert intent["hparams"] == {"epochs": 3, "lr": 0.1}  # what the request said
+    effective = get_method("neggrad", seed=intent["seed"], epochs=3, lr=0.1).hparams()
+    assert intent["method_hparams"] == json.loads(json.dumps(effective)) and len(effective) > 2
+
+
+def test_checkpoints_the_audit_cannot_verify_are_refused(checkpoint, tmp_path):
+    from safetensors.torch import load, save
+
+    data = checkpoint.read_bytes()
+    tensors = load(data)
+    record = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["unlearn_ext"])
+    req = write(tmp_path / "req.json", request())
+    for name, change, exc, pattern in [
+        ("no-checksum", lambda r: r.pop("tensors_sha256"), RequestError, "no tensor checksum"),
+        ("metadata-list", lambda r: r.update(metadata=[1]), ValueError, "corrupt unlearn_ext metadata"),
+        ("dataset-string", lambda r: r["metadata"].update(dataset="digits"), RequestError, "dataset record"),
+        ("history-odd", lambda r: r["metadata"].update(unlearn_history="x"), None, None),
+    ]:
+        r = json.loads(json.dumps(record))
+        change(r)
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(save(tensors, metadata={"unlearn_ext": json.dumps(r)}))
+        out = tmp_path / f"{name}-out.safetensors"
+        if exc is None:  # a malformed lineage is no lineage, not a crash
+            assert apply_requests(bad, [req], out).status == "published"
+            continue
+        with pytest.raises(exc, match=pattern):
+            apply_requests(bad, [req], out)
+        assert not out.exists()
 
 
 def test_corrupt_truncated_and_foreign_checkpoints(checkpoint, tmp_path):

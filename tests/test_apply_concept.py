@@ -194,6 +194,23 @@ def test_a_concept_request_is_forgotten_published_and_audited(deployed, tmp_path
         apply_requests(out, [req_path], tmp_path / "again.safetensors")
 
 
+def test_the_same_request_id_over_changed_images_is_a_different_request(deployed, tmp_path):
+    """A concept request is its JSON and the images it names: re-filed with the same id after
+    seven.png changed, it is refused, not taken for the published one."""
+    import shutil
+
+    path, folder, _ = deployed
+    for name in ("seven.png", "seven_b.png", "seven_c.png"):
+        shutil.copy(folder / name, tmp_path / name)
+    req_path = write(tmp_path, "c.json", concept_request())
+    out = tmp_path / "unlearned.safetensors"
+    assert apply_requests(path, [req_path], out).status == "published"
+    assert apply_requests(path, [req_path], out).status == "noop"  # unchanged: the same request
+    shutil.copy(folder / "three.png", tmp_path / "seven.png")
+    with pytest.raises(RequestError, match="different content: file the change under a new request id"):
+        apply_requests(path, [req_path], out)
+
+
 def test_a_failed_concept_gate_publishes_nothing(deployed, tmp_path, capsys):
     """Gradient ascent with a large step forgets the image but also the text fact that names the same
     word: the retain gate rejects it (exit 3) and nothing is written but the audit record."""

@@ -421,8 +421,11 @@ def _with_record(tmp_path, record_json: str):
         json.dumps([1, 2]),
         json.dumps({"config": {"input_shape": [1, 8, 8], "num_classes": 10}}),  # no arch
         json.dumps({"config": {"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": 16}}),
+        json.dumps(
+            {"config": {"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": 8}, "metadata": 0}
+        ),
     ],
-    ids=["not-json", "not-a-dict", "no-arch", "tensors-do-not-match-config"],
+    ids=["not-json", "not-a-dict", "no-arch", "tensors-do-not-match-config", "metadata-not-a-dict"],
 )
 def test_corrupt_metadata_raises_value_error_naming_the_path(tmp_path, record):
     path = _with_record(tmp_path, record)
@@ -436,14 +439,37 @@ def test_corrupt_metadata_raises_value_error_naming_the_path(tmp_path, record):
     [
         {"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": 8, "bogus": 1},
         {"arch": "resnet", "input_shape": [1, 8, 8], "num_classes": 10},
+        {"arch": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": -3},
     ],
-    ids=["unknown-config-key", "unknown-arch"],
+    ids=["unknown-config-key", "unknown-arch", "negative-size"],
 )
 def test_corrupt_config_raises_value_error_naming_the_path(tmp_path, config):
     path = _with_record(tmp_path, json.dumps({"format": 1, "config": config, "metadata": {}}))
     with pytest.raises(ValueError) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+
+
+def test_a_float64_checkpoint_loads_in_float64(tmp_path):
+    model = build_model("mlp", (1, 8, 8), 10, hidden=8).double()
+    save_checkpoint(model, tmp_path / "f64.safetensors")
+    loaded, _ = load_checkpoint(tmp_path / "f64.safetensors")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}  # not cast to float32
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_mixing_float_dtypes_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = build_model("mlp", (1, 8, 8), 10, hidden=8)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    first = next(iter(tensors))
+    tensors[first] = tensors[first].double()
+    record = {"format": 1, "config": model.config, "metadata": {}}
+    save_file(tensors, str(tmp_path / "mixed.safetensors"), metadata={"unlearn_ext": json.dumps(record)})
+    with pytest.raises(ValueError, match="mix dtypes"):
+        load_checkpoint(tmp_path / "mixed.safetensors")
 
 
 def test_missing_checkpoint_raises_file_not_found(tmp_path):

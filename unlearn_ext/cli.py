@@ -198,6 +198,10 @@ def _apply(args) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, LockedError, OSError) as e:
         print(f"unlearn apply: error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, RuntimeError) as e:  # audited as failed by apply_requests
+        what = "error" if isinstance(e, FloatingPointError) else f"failed: {type(e).__name__}"
+        print(f"unlearn apply: {what}: {e}; nothing was published", file=sys.stderr)
+        return 2 if isinstance(e, FloatingPointError) else 1
     console = Console(soft_wrap=True)  # no wrapping: the lines are log lines
     if args.json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}, default=str))

@@ -176,6 +176,8 @@ def load_checkpoint_bytes(
         raise ValueError(f"{path} is a safetensors file but not an unlearn_ext checkpoint (no {_META_KEY!r} metadata)")
     try:
         record = json.loads(meta[_META_KEY])
+        if not isinstance(record, dict) or not isinstance(record.get("metadata", {}), dict):
+            raise TypeError("the record and its 'metadata' must be JSON objects")
         config = dict(record["config"])
         arch = config.pop("arch")
         if arch == "minillava":
@@ -189,7 +191,7 @@ def load_checkpoint_bytes(
         raise ValueError(f"{path}: corrupt unlearn_ext metadata: {e}") from e
     try:
         model = build_model(arch, input_shape, num_classes, **config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refuses e.g. a negative size
         raise ValueError(f"{path}: corrupt or foreign unlearn_ext config {record['config']!r}: {e}") from e
     recorded = record.get("tensors_sha256") if isinstance(record, dict) else None
     if recorded is not None and recorded != tensors_digest(tensors):
@@ -199,6 +201,11 @@ def load_checkpoint_bytes(
         raise ValueError(f"{path}: tensors {bad[:5]} contain NaN or inf (a corrupt or diverged checkpoint)")
     codes = tensors.pop(CODES_BUFFER, None)
     initial_head = tensors.pop(INITIAL_HEAD_BUFFER, None)
+    float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(float_dtypes) > 1:
+        raise ValueError(f"{path}: the parameters mix dtypes {sorted(map(str, float_dtypes))} (corrupt or foreign)")
+    if float_dtypes:  # kept as saved (e.g. float64), not cast to the freshly built model's float32
+        model = model.to(float_dtypes.pop())
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -186,6 +186,8 @@ def _make_job(merged: MergedRequest, data: bytes, source: str, device, batch_siz
         record = json.loads(_safetensors_metadata(data)[_META_KEY])
     except (ValueError, KeyError, TypeError):
         record = None  # the classifier loader reports what is wrong with the file
+    if not isinstance(record, dict):
+        record = None
     if is_multimodal_record(record):
         from unlearn_ext.production.concept import ConceptJob
 
@@ -195,8 +197,12 @@ def _make_job(merged: MergedRequest, data: bytes, source: str, device, batch_siz
 
 def _lineage(record: dict | None) -> set[str]:
     """Request ids a checkpoint record says were applied to it (its ``unlearn_history``)."""
-    history = ((record or {}).get("metadata") or {}).get("unlearn_history") or []
-    return {rid for entry in history if isinstance(entry, dict) for rid in entry.get("request_ids", [])}
+    meta = record.get("metadata") if isinstance(record, dict) else None
+    history = meta.get("unlearn_history") if isinstance(meta, dict) else None
+    if not isinstance(history, list):
+        return set()
+    ids = (entry.get("request_ids") for entry in history if isinstance(entry, dict))
+    return {rid for group in ids if isinstance(group, list) for rid in group if isinstance(rid, str)}
 
 
 def _check_overwrite(output: Path, input_record: dict, overwrite: bool, all_done: bool, ids: list[str]) -> None:
@@ -312,7 +318,7 @@ def apply_requests(
         anywhere = published_runs(records)
         for r in merged.requests:  # an id means one request, whichever model it was applied to
             earlier_digest = anywhere.get(r.request_id, {}).get("request_sha256", {}).get(r.request_id)
-            if earlier_digest is not None and earlier_digest != r.digest:
+            if earlier_digest is not None and earlier_digest != job.request_digest(r):
                 raise RequestError(
                     f"request id {r.request_id!r} was already applied (run {anywhere[r.request_id]['run_id']}) with "
                     "different content: file the change under a new request id"
@@ -370,7 +376,7 @@ def apply_requests(
 
         summary = {
             **base,
-            "request_sha256": {r.request_id: r.digest for r in merged.requests},
+            "request_sha256": {r.request_id: job.request_digest(r) for r in merged.requests},
             "input": {"path": str(checkpoint), "sha256": input_sha},
             "method": merged.method,
             "hparams": dict(merged.hparams),

@@ -69,18 +69,38 @@ class ClassifierJob:
             )
         self.merged, self.source = merged, source
         self.model, self.record = load_checkpoint_bytes(data, source=source, device=device)
+        if self.record.get("tensors_sha256") is None:
+            raise RequestError(
+                f"{source} records no tensor checksum, so it cannot be verified: re-save it with "
+                "unlearn_ext.models.save_checkpoint"
+            )
         self.dataset, self.dataset_seed = self._dataset()
         self._check_config()
         self.split = self._split()
         self.batches = self.split.batches(batch_size=batch_size, seed=merged.seed)
-        self.method: Any = None
+        self.method = self._build_method()
+
+    def _build_method(self):
+        """The request's method, its hyperparameters checked now (before the lock and any work)."""
+        from unlearn_ext.methods import get_method
+
+        merged = self.merged
+        try:
+            method = get_method(merged.method, seed=merged.seed, **merged.hparams)
+            method._check_common_hparams()
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"requests {merged.request_ids}: method {merged.method!r}: {e}") from e
+        return method
 
     def _dataset(self):
         from unlearn_ext.data import load_dataset
 
         merged, source = self.merged, self.source
         meta = self.record.get("metadata") or {}
-        recorded = meta.get("dataset") or (meta.get("key") or {}).get("dataset") or {}
+        key = meta.get("key") or {}
+        recorded = meta.get("dataset") or (key.get("dataset") if isinstance(key, dict) else None) or {}
+        if not isinstance(recorded, dict):
+            raise RequestError(f"{source}: corrupt metadata: its dataset record {recorded!r} is not an object")
         name = merged.dataset or recorded.get("name")
         if name is None:
             raise RequestError(
@@ -127,14 +147,15 @@ class ClassifierJob:
         return {k: float(out[k]) for k in RECORDED_METRICS if k in out}, {}
 
     def unlearn(self, progress: bool) -> nn.Module:
-        from unlearn_ext.methods import get_method
-
-        merged = self.merged
-        self.method = get_method(merged.method, seed=merged.seed, progress=progress, **merged.hparams)
+        self.method.progress = progress
         return self.method.unlearn(self.model, self.batches["forget"], self.batches["retain"])
 
+    def request_digest(self, request) -> str:
+        """What identifies ``request``: its JSON digest (the data it names is the bundled dataset's)."""
+        return request.digest
+
     def log_tail(self) -> list:
-        return self.method.log[-3:] if self.method is not None else []
+        return getattr(self.method, "log", [])[-3:]
 
     def gates(self, before: dict, after: dict) -> dict[str, dict]:
         kept = "retain_class_test_acc" if self.merged.kind == "classes" else "test_acc"
@@ -153,6 +174,7 @@ class ClassifierJob:
         return {
             "forget": {**self.split.describe(), "sample_ids": list(merged.sample_ids) if merged.sample_ids else None},
             "dataset": {"name": self.dataset.name, "seed": self.dataset_seed},
+            "method_hparams": self.method.hparams(),  # every hyperparameter used, defaults included
         }
 
     def history_forget(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from unlearn_ext.production.classifier import check_expected_config, gate_results, same_state
-from unlearn_ext.production.request import MergedRequest, RequestError
+from unlearn_ext.production.request import MergedRequest, RequestError, canonical_digest
 
 
 def _finetune_config(method: str, hparams: dict, seed: int):
@@ -72,8 +72,8 @@ def _read_image(path: str, record: dict, what: str) -> tuple[torch.Tensor, str]:
     from unlearn_ext.siu.checkpoint import load_image
 
     try:
-        data = Path(path).read_bytes()
-        x = load_image(path, record)
+        data = Path(path).read_bytes()  # read once: the digest is of the bytes decoded
+        x = load_image(path, record, data=data)
     except FileNotFoundError as e:
         raise RequestError(f"{what}: no image at {path}") from e
     except (ValueError, OSError) as e:
@@ -129,6 +129,15 @@ class ConceptJob:
             )  # fmt: skip
         except ValueError as e:
             raise RequestError(f"request {merged.request_ids[0]!r}: {e}") from e
+
+    def request_digest(self, request) -> str:
+        """What identifies ``request`` (a :class:`DeletionRequest` of this run): its JSON digest and the
+        sha256 of every image it names, so that the same id re-filed over changed images is a
+        different request."""
+        concept, checks = dict(request.concept or {}), dict(request.checks or {})
+        paths = [concept["image"], *(e["image"] for e in concept.get("retain_images", []))]
+        paths += [*checks.get("held_out_images", []), *(e["image"] for e in checks.get("retain", []) if e["image"])]
+        return canonical_digest({"request": request.digest, "images_sha256": {p: self.image_sha256[p] for p in paths}})
 
     def _image(self, path: str, what: str) -> torch.Tensor:
         x, digest = _read_image(path, self.record, what)

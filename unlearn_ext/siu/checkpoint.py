@@ -18,6 +18,7 @@ model, with no network and no other file:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -53,7 +54,7 @@ CONCEPT_DEFAULT_KEYS = frozenset({"kind", "identity_prompts", "identity_answer",
 def is_multimodal_record(record: dict | None) -> bool:
     """Whether a checkpoint record (from :func:`~unlearn_ext.models.checkpoint.read_checkpoint_record`)
     describes a multimodal checkpoint of this module."""
-    config = (record or {}).get("config")
+    config = record.get("config") if isinstance(record, dict) else None
     return isinstance(config, dict) and config.get("arch") == MULTIMODAL_ARCH
 
 
@@ -170,13 +171,14 @@ def _load_tokenizer(files: dict[str, bytes]):
     import transformers
 
     with tempfile.TemporaryDirectory() as d:
+        root = Path(d).resolve()  # TMPDIR may be a symbolic link
         for name, data in files.items():
-            target = Path(d) / name
-            if Path(d) not in target.resolve().parents:
+            target = root / name
+            if root not in target.resolve().parents:
                 raise ValueError(f"tokenizer file name {name!r} leaves the tokenizer folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        return transformers.AutoTokenizer.from_pretrained(d)
+        return transformers.AutoTokenizer.from_pretrained(root)
 
 
 def load_multimodal_checkpoint_bytes(
@@ -201,6 +203,8 @@ def load_multimodal_checkpoint_bytes(
         raise ValueError(f"{source} is not an unlearn_ext checkpoint (no readable {_META_KEY!r} metadata)") from e
     if not is_multimodal_record(record):
         raise ValueError(f"{source} is not a multimodal (MiniLlava) checkpoint")
+    if not isinstance(record.get("metadata", {}), dict) or not isinstance(record.get("aliases", {}), dict):
+        raise ValueError(f"{source}: corrupt unlearn_ext metadata: 'metadata' and 'aliases' must be JSON objects")
     recorded = record.get("tensors_sha256")
     if recorded is None or recorded != tensors_digest(tensors):
         raise ValueError(f"{source}: the tensor data does not match the checksum recorded when it was saved (corrupt)")
@@ -216,7 +220,7 @@ def load_multimodal_checkpoint_bytes(
         raise ValueError(f"{source}: tensors {bad[:5]} contain NaN or inf (a corrupt or diverged checkpoint)")
     try:
         model = _build_model(record["config"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: e.g. a negative size
         raise ValueError(f"{source}: corrupt or foreign multimodal config: {e}") from e
     for alias, target in (record.get("aliases") or {}).items():
         if target not in tensors:
@@ -243,10 +247,11 @@ def load_multimodal_checkpoint(
     return load_multimodal_checkpoint_bytes(path.read_bytes(), source=str(path), device=device)
 
 
-def load_image(path: str | os.PathLike, record: dict) -> torch.Tensor:
+def load_image(path: str | os.PathLike, record: dict, *, data: bytes | None = None) -> torch.Tensor:
     """An image file (any format Pillow reads) as the checkpoint's ``pixel_values`` for one image,
     ``[C, H, W]`` float32: converted to the recorded mode, resized to ``H x W`` (bilinear) when it
-    differs, then ``(pixel / scale - mean) / std`` per channel.
+    differs, then ``(pixel / scale - mean) / std`` per channel. ``data``: the file's bytes, already
+    read (so that what is hashed is what is decoded); ``path`` then only names it in errors.
 
     Raises:
         FileNotFoundError: no such file.
@@ -256,12 +261,12 @@ def load_image(path: str | os.PathLike, record: dict) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
     c, h, w = record["config"]["input_shape"]
     pre = record["image_preprocess"]
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             im = im.convert(pre["mode"])
             if im.size != (w, h):
                 im = im.resize((w, h), Image.Resampling.BILINEAR)
