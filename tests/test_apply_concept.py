@@ -150,6 +150,18 @@ def test_multimodal_checkpoint_round_trip(deployed, smollm2_tokenizer, mnist, tm
         load_multimodal_checkpoint(truncated)
 
 
+def test_the_tokenizer_loads_when_the_temporary_folder_is_a_symbolic_link(deployed, tmp_path, monkeypatch):
+    import tempfile
+
+    from unlearn_ext.siu.checkpoint import load_multimodal_checkpoint
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "tmp").symlink_to(tmp_path / "real")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    _, tok, _ = load_multimodal_checkpoint(deployed[0])
+    assert tok.convert_ids_to_tokens(tok("seven")["input_ids"])
+
+
 def test_a_concept_request_is_forgotten_published_and_audited(deployed, tmp_path):
     from unlearn_ext.siu.checkpoint import load_image, load_multimodal_checkpoint
     from unlearn_ext.siu.minimmu import greedy_answer
