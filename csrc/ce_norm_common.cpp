@@ -146,11 +146,13 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
   CENormChunk chunk;
   chunk.squared = squared;
   chunk.grad = grad;
+  Float16Overflow overflow(p.hidden);
   for (int64_t n0 = 0; n0 < n_act; n0 += rows) {
     const int64_t m = std::min(rows, n_act - n0);
     at::Tensor z = zbuf.narrow(0, 0, m);
     const at::Tensor hc = h.narrow(0, n0, m);
     head_logits_into(z, hc, p.weight, p.bias);
+    overflow.add(z);
     chunk.z = z;
     chunk.target = tgt_a.narrow(0, n0, m);
     chunk.forget = forget_a.narrow(0, n0, m);
@@ -159,6 +161,7 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     row_kernel(chunk);
     if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
   }
+  overflow.check();
   if (grad) {
     zbuf = chunk.z = at::Tensor();  // freed before the sums are rounded
     res.gw = sums->weight();

@@ -211,16 +211,19 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
   chunk.renorm = p.renormalize && p.vocab_mask.defined();
   chunk.grad = grad;
 
+  Float16Overflow overflow(p.hidden);
   for (int64_t n0 = 0; n0 < n_act; n0 += rows) {
     const int64_t m = std::min(rows, n_act - n0);
     at::Tensor z = zbuf.narrow(0, 0, m);
     const at::Tensor hc = h.narrow(0, n0, m);
     head_logits_into(z, hc, p.weight, p.bias);
+    overflow.add(z);
     chunk.r = at::Tensor();
     if (any_kl_row) {
       chunk.r = rbuf.narrow(0, 0, m);
       const at::Tensor hrc = hr.narrow(0, n0, m);
       head_logits_into(chunk.r, hrc, p.ref_weight, p.ref_bias);
+      overflow.add(chunk.r);
     }
     chunk.z = z;
     chunk.target = tgt_a.narrow(0, n0, m);
@@ -232,6 +235,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     row_kernel(chunk);
     if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
   }
+  overflow.check();
   if (grad) {
     zbuf = rbuf = chunk.z = chunk.r = at::Tensor();  // freed before the sums are rounded
     res.gw = sums->weight();

@@ -437,6 +437,21 @@ LOW_PRECISION_KERNELS = [
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
+def test_float16_logits_that_overflow_are_an_error_not_a_wrong_loss(backend):
+    """Finite float16 inputs whose logits pass 65504: plain PyTorch gives inf/NaN, and the row kernels
+    a wrong value (the KL came out 0 with NaN gradients); the op refuses instead."""
+    dev = backend_device(backend)
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(8, 16, generator=g) * 300).half().to(dev).requires_grad_(True)
+    w = (torch.randn(50, 16, generator=g) * 300).half().to(dev).requires_grad_(True)
+    with pytest.raises(ValueError, match="float16 logits overflowed"):
+        fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)), backend=backend)
+    with torch.no_grad():
+        h /= 300
+    fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)), backend=backend).backward()  # in range: no error
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunk_rows", ["8", "128"], ids=["32-chunks", "2-chunks"])
 def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, backend, dtype, chunk_rows):

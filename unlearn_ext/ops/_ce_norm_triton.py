@@ -21,6 +21,7 @@ import triton.language as tl
 
 from unlearn_ext.ops._common import accum_dtype
 from unlearn_ext.ops._head_chunks import (
+    Float16Overflow,
     HeadGradSums,
     accumulate_grads,
     block_v,
@@ -136,17 +137,20 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     w = weight.contiguous()
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    overflow = Float16Overflow(hidden)
     for n0 in range(0, n_act, rows):
         m = min(rows, n_act - n0)
         z = zbuf[:m]
         hc = h[n0 : n0 + m]
         logits_into(z, hc, w, bias)
+        overflow.add(z)
         _ce_norm_rows_kernel[(m,)](
             z, tgt_a[n0:], forget_a[n0:], coef_a[n0:], val_a[n0:], v, z.stride(0),
             SQUARED=bool(squared), GRAD=grad, ACC=acc_tl, BLOCK_V=block_v(v),
         )  # fmt: skip
         if grad:
             accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], sums)
+    overflow.check()
     if grad:
         z = zbuf = None  # freed before the sums are rounded
         gw, gb = sums.result()

@@ -67,6 +67,28 @@ def logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias: torch.T
         torch.mm(h, w.T, out=z)
 
 
+class Float16Overflow:
+    """float16 logits overflow past 65504 even from finite inputs, and the row kernels would then
+    return a wrong loss (a KL of 0 with NaN gradients): each chunk's logits add their min and max
+    (NaN propagates) to a float32 scalar, which a finite chunk cannot overflow; ``check`` syncs once.
+    Mirrors csrc/include/unlearn_ext/linear_head.h."""
+
+    def __init__(self, like: torch.Tensor):
+        self.acc = torch.zeros((), dtype=torch.float32, device=like.device) if like.dtype == torch.float16 else None
+
+    def add(self, z: torch.Tensor) -> None:
+        if self.acc is not None and z.numel():
+            lo, hi = torch.aminmax(z)
+            self.acc += lo.float() + hi.float()
+
+    def check(self) -> None:
+        if self.acc is not None and not bool(torch.isfinite(self.acc)):
+            raise ValueError(
+                "the float16 logits overflowed (|hidden @ weight.T + bias| > 65504) although the inputs are "
+                "finite: use bfloat16 or float32"
+            )
+
+
 class HeadGradSums:
     """The ``[V, H]`` weight (and ``[V]`` bias) gradient of a head summed over ``chunks`` chunks of
     tokens: in place in the head's dtype (float32/float64, or bfloat16/float16 over at most

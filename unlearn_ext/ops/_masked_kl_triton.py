@@ -23,6 +23,7 @@ import triton.language as tl
 
 from unlearn_ext.ops._common import accum_dtype
 from unlearn_ext.ops._head_chunks import (
+    Float16Overflow,
     HeadGradSums,
     accumulate_grads,
     block_v,
@@ -192,15 +193,18 @@ def _run(
     block = block_v(v)
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     inv_t = torch.full((1,), 1.0 / temperature, dtype=acc, device=dev)
+    overflow = Float16Overflow(hidden)
     for n0 in range(0, n_act, rows):
         m = min(rows, n_act - n0)
         z = zbuf[:m]
         hc = h[n0 : n0 + m]
         logits_into(z, hc, w, bias)
+        overflow.add(z)
         r = z
         if any_kl:
             r = rbuf[:m]
             logits_into(r, hr[n0 : n0 + m], rw, ref_bias)
+            overflow.add(r)
         _masked_kl_rows_kernel[(m,)](
             z, r, vm, tgt_a[n0:], kl_row_a[n0:], klc_a[n0:], cec_a[n0:], kl_a[n0:], ce_a[n0:],
             inv_t, v, z.stride(0), r.stride(0),
@@ -209,6 +213,7 @@ def _run(
         )  # fmt: skip
         if grad:
             accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], sums)
+    overflow.check()
     if grad:
         z = r = zbuf = rbuf = None  # freed before the sums are rounded
         gw, gb = sums.result()

@@ -9,6 +9,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <tuple>
+
+#include "unlearn_ext/checks.h"
 
 namespace unlearn_ext {
 
@@ -83,6 +86,30 @@ inline void head_logits_into(at::Tensor& z, const at::Tensor& h, const at::Tenso
     at::mm_out(z, h, weight.t());
   }
 }
+
+// float16 logits overflow past 65504 even from finite inputs, and the row kernels would then return a
+// wrong loss (a KL of 0 with NaN gradients). Each chunk's logits add their min and max (one reduction,
+// NaN propagates) to a float32 scalar, which a finite chunk cannot overflow; check() syncs once.
+class Float16Overflow {
+ public:
+  explicit Float16Overflow(const at::Tensor& like) : on_(like.scalar_type() == at::kHalf) {
+    if (on_) acc_ = at::zeros({}, like.options().dtype(at::kFloat));
+  }
+  void add(const at::Tensor& z) {
+    if (!on_ || z.numel() == 0) return;
+    const auto mm = at::aminmax(z);
+    acc_.add_(std::get<0>(mm).to(at::kFloat)).add_(std::get<1>(mm).to(at::kFloat));
+  }
+  void check() const {
+    TORCH_CHECK_VALUE(!on_ || all_finite(acc_),
+                      "the float16 logits overflowed (|hidden @ weight.T + bias| > 65504) although the inputs are "
+                      "finite: use bfloat16 or float32");
+  }
+
+ private:
+  bool on_;
+  at::Tensor acc_;
+};
 
 // The weight and bias gradients of a head, summed over chunks of tokens: in place in their own dtype
 // (float32/float64, or bfloat16/float16 over at most kMaxLowPrecisionChunks chunks), else in float32
