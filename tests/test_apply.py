@@ -303,6 +303,8 @@ def test_the_audit_records_every_hyperparameter_used(checkpoint, tmp_path):
 def test_checkpoints_the_audit_cannot_verify_are_refused(checkpoint, tmp_path):
     from safetensors.torch import load, save
 
+    from unlearn_ext.models.checkpoint import tensors_digest
+
     data = checkpoint.read_bytes()
     tensors = load(data)
     record = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["unlearn_ext"])
@@ -312,11 +314,17 @@ def test_checkpoints_the_audit_cannot_verify_are_refused(checkpoint, tmp_path):
         ("metadata-list", lambda r: r.update(metadata=[1]), ValueError, "corrupt unlearn_ext metadata"),
         ("dataset-string", lambda r: r["metadata"].update(dataset="digits"), RequestError, "dataset record"),
         ("history-odd", lambda r: r["metadata"].update(unlearn_history="x"), None, None),
+        ("float64", None, ValueError, "float64 parameters.*convert it explicitly"),
     ]:
         r = json.loads(json.dumps(record))
-        change(r)
+        t = tensors
+        if change is None:  # float64 parameters: apply would publish a float32 checkpoint
+            t = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+            r["tensors_sha256"] = tensors_digest(t)
+        else:
+            change(r)
         bad = tmp_path / f"{name}.safetensors"
-        bad.write_bytes(save(tensors, metadata={"unlearn_ext": json.dumps(r)}))
+        bad.write_bytes(save(t, metadata={"unlearn_ext": json.dumps(r)}))
         out = tmp_path / f"{name}-out.safetensors"
         if exc is None:  # a malformed lineage is no lineage, not a crash
             assert apply_requests(bad, [req], out).status == "published"

@@ -221,6 +221,18 @@ def test_the_same_request_id_over_changed_images_is_a_different_request(deployed
     shutil.copy(folder / "three.png", tmp_path / "seven.png")
     with pytest.raises(RequestError, match="different content: file the change under a new request id"):
         apply_requests(path, [req_path], out)
+    # An audit written before image digests counted holds the JSON digest alone: the same request.
+    from unlearn_ext.production import load_requests
+
+    shutil.copy(folder / "seven.png", tmp_path / "seven.png")
+    (old,) = load_requests([req_path])
+    log = tmp_path / "unlearn-audit.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for rec in records:
+        if "request_sha256" in rec:
+            rec["request_sha256"] = {"c1": old.digest}
+    log.write_text("".join(json.dumps(rec) + "\n" for rec in records))
+    assert apply_requests(path, [req_path], out).status == "noop"
 
 
 def test_a_failed_concept_gate_publishes_nothing(deployed, tmp_path, capsys):

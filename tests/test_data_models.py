@@ -450,13 +450,18 @@ def test_corrupt_config_raises_value_error_naming_the_path(tmp_path, config):
     assert str(path) in str(info.value)
 
 
-def test_a_float64_checkpoint_loads_in_float64(tmp_path):
+def test_a_float64_checkpoint_loads_as_float32_with_a_warning_or_is_refused(tmp_path, digits):
     model = build_model("mlp", (1, 8, 8), 10, hidden=8).double()
     save_checkpoint(model, tmp_path / "f64.safetensors")
-    loaded, _ = load_checkpoint(tmp_path / "f64.safetensors")
-    assert {p.dtype for p in loaded.parameters()} == {torch.float64}  # not cast to float32
+    with pytest.warns(UserWarning, match="float64 parameters loaded as float32"):
+        loaded, _ = load_checkpoint(tmp_path / "f64.safetensors")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+        assert torch.equal(a.float(), b)
+    loaded(digits.x_test[:4])  # runs on the bundled (float32) data
+    data = (tmp_path / "f64.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds torch.float64 parameters.*convert it explicitly"):
+        checkpoint_module.load_checkpoint_bytes(data, source="f64", cast=False)
 
 
 def test_a_checkpoint_mixing_float_dtypes_is_refused(tmp_path):

@@ -198,7 +198,7 @@ def _apply(args) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, LockedError, OSError) as e:
         print(f"unlearn apply: error: {e}", file=sys.stderr)
         return 2
-    except (FloatingPointError, RuntimeError) as e:  # audited as failed by apply_requests
+    except (FloatingPointError, RuntimeError) as e:  # audited as failed when it happened under the lock
         what = "error" if isinstance(e, FloatingPointError) else f"failed: {type(e).__name__}"
         print(f"unlearn apply: {what}: {e}; nothing was published", file=sys.stderr)
         return 2 if isinstance(e, FloatingPointError) else 1

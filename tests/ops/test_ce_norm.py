@@ -445,10 +445,10 @@ def test_float16_logits_that_overflow_are_an_error_not_a_wrong_loss(backend):
     h = (torch.randn(8, 16, generator=g) * 300).half().to(dev).requires_grad_(True)
     w = (torch.randn(50, 16, generator=g) * 300).half().to(dev).requires_grad_(True)
     with pytest.raises(ValueError, match="float16 logits overflowed"):
-        fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)), backend=backend)
+        fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)).to(dev), backend=backend)
     with torch.no_grad():
         h /= 300
-    fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)), backend=backend).backward()  # in range: no error
+    fused_linear_ce_norm(h, w, torch.randint(0, 50, (8,)).to(dev), backend=backend).backward()  # in range: no error
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,10 +161,11 @@ def read_checkpoint_record(path: str | os.PathLike) -> dict | None:
 
 
 def load_checkpoint_bytes(
-    data: bytes, *, source: str = "<bytes>", device: str | torch.device = "cpu"
+    data: bytes, *, source: str = "<bytes>", device: str | torch.device = "cpu", cast: bool = True
 ) -> tuple[nn.Module, dict]:
     """:func:`load_checkpoint` from the file's bytes (so they can be hashed and loaded from one read);
-    ``source`` names the file in errors."""
+    ``source`` names the file in errors. Parameters saved in another float dtype (e.g. float64) are
+    loaded as float32 with a warning, or refused with ``cast=False``."""
     from safetensors.torch import load
 
     path = source
@@ -204,8 +206,14 @@ def load_checkpoint_bytes(
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(float_dtypes) > 1:
         raise ValueError(f"{path}: the parameters mix dtypes {sorted(map(str, float_dtypes))} (corrupt or foreign)")
-    if float_dtypes:  # kept as saved (e.g. float64), not cast to the freshly built model's float32
-        model = model.to(float_dtypes.pop())
+    saved = float_dtypes.pop() if float_dtypes else torch.float32
+    if saved != torch.float32:  # the models, data and methods run in float32
+        if not cast:
+            raise ValueError(
+                f"{path} holds {saved} parameters; unlearn_ext's models, data and methods run in float32, so "
+                "the result would be a float32 checkpoint: convert it explicitly (model.float()) and save that"
+            )
+        warnings.warn(f"{path}: {saved} parameters loaded as float32", stacklevel=3)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -165,7 +165,7 @@ def scale_saved_grads(saved, grad_loss: torch.Tensor, needs: Sequence[bool], has
         s = float(grad_loss)
         out = [t if s == 1.0 else t * s for t in (gh, gw, gb)]
     else:
-        out = [t * grad_loss.to(t.dtype) for t in (gh, gw, gb)]
+        out = [t * grad_loss for t in (gh, gw, gb)]  # a 0-dim factor keeps t's dtype, computed in opmath
     return (
         out[0] if needs[0] else None,
         out[1] if needs[1] else None,

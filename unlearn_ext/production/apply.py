@@ -318,7 +318,9 @@ def apply_requests(
         anywhere = published_runs(records)
         for r in merged.requests:  # an id means one request, whichever model it was applied to
             earlier_digest = anywhere.get(r.request_id, {}).get("request_sha256", {}).get(r.request_id)
-            if earlier_digest is not None and earlier_digest != job.request_digest(r):
+            # (an audit written before image digests were part of a concept request's identity holds
+            # the JSON digest alone)
+            if earlier_digest is not None and earlier_digest not in (job.request_digest(r), r.digest):
                 raise RequestError(
                     f"request id {r.request_id!r} was already applied (run {anywhere[r.request_id]['run_id']}) with "
                     "different content: file the change under a new request id"

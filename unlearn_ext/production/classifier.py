@@ -68,7 +68,7 @@ class ClassifierJob:
                 "(unlearn_ext.siu.checkpoint, e.g. `unlearn export-minimmu`)"
             )
         self.merged, self.source = merged, source
-        self.model, self.record = load_checkpoint_bytes(data, source=source, device=device)
+        self.model, self.record = load_checkpoint_bytes(data, source=source, device=device, cast=False)
         if self.record.get("tensors_sha256") is None:
             raise RequestError(
                 f"{source} records no tensor checksum, so it cannot be verified: re-save it with "
