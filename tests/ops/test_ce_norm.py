@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import assert_close_rel, backend_device
+from _utils import LOW_PRECISION_KERNELS, assert_close_rel, backend_device, skip_interpreted_bfloat16
 
 from unlearn_ext import _loader
 from unlearn_ext.ops import fused_linear_ce_norm
@@ -423,19 +423,6 @@ def test_cpp_rejects_half_precision_on_cpu():
     assert fused_linear_ce_norm(**d, backend="reference").dtype == torch.float32
 
 
-def _skip_interpreted_bfloat16(backend, dtype):
-    if dtype == torch.bfloat16 and backend_device(backend) != "cuda":
-        # Measured: the interpreter's float32 -> bfloat16 conversion truncates (fp_downcast_rounding
-        # too), so a kernel's bfloat16 outputs carry twice the rounding error there; float16 rounds.
-        pytest.skip("bfloat16 kernel outputs are checked on a GPU (the Triton interpreter truncates)")
-
-
-LOW_PRECISION_KERNELS = [
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.requires_cuda], id="cuda"),
-    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.requires_triton], id="triton"),
-]
-
-
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
 def test_float16_logits_that_overflow_are_an_error_not_a_wrong_loss(backend):
     """Finite float16 inputs whose logits pass 65504: plain PyTorch gives inf/NaN, and the row kernels
@@ -458,7 +445,7 @@ def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, backend, dt
     """The [V, H] weight and bias gradients summed over 32 chunks (float32 sums) or 2 (in place) stay
     within 2x plain PyTorch's error (DESIGN.md 6), with hidden states that share a direction (each
     rounding of a partial sum then counts: in-place bfloat16 sums over 32 chunks are about 3x)."""
-    _skip_interpreted_bfloat16(backend, dtype)
+    skip_interpreted_bfloat16(backend, dtype)
     monkeypatch.setenv("UNLEARN_EXT_CE_CHUNK_ROWS", chunk_rows)
     d = _inputs(256, 32, 300, dtype, seed=3)
     d["hidden"] = (d["hidden"].double() + 1.0).to(dtype)
@@ -474,17 +461,11 @@ def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, backend, dt
         assert err(grads[k], wgrads[k]) <= 2 * err(pgrads[k], wgrads[k]), k
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.requires_cuda], id="cuda"),
-        pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.requires_triton], id="triton"),
-    ],
-)
+@pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_error_at_most_twice_plain_pytorch(backend, dtype):
     """DESIGN.md 6: our error against the float64 reference is at most 2x plain PyTorch's."""
-    _skip_interpreted_bfloat16(backend, dtype)
+    skip_interpreted_bfloat16(backend, dtype)
     d = _inputs(300, 64, 2000, dtype)
     want, wgrads = _run(reference, _to64(d), 1.0)
     got, grads = _run(_kernel(backend), _on(d, backend), 1.0)
