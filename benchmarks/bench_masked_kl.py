@@ -1,15 +1,16 @@
 """Benchmark of fused_linear_masked_kl (SIU's loss, DESIGN.md 4.2): forward + backward.
 
-    python benchmarks/bench_masked_kl.py [--quick] [--device cpu|cuda] [--out NAME] [--ce]
+    python benchmarks/bench_masked_kl.py [--quick] [--device cpu|cuda] [--out NAME] [--ce] [--frozen-head]
 
 One case: ``N`` tokens, hidden size ``H``, vocabulary ``V`` (default SmolLM2's sizes: N=2048,
 H=576, V=49152, float32 on CPU; N=8192, H=4096, V=128256, bfloat16 on CUDA), the current and
 the reference model each with its own LM head, a random 5% vocabulary mask, every token in the
 KL (and, with ``--ce``, a cross-entropy on every token). Gradients flow to the current hidden
-states and head weight. Providers:
+states and head weight; with ``--frozen-head`` to the hidden states only (SIU with LoRA below a
+frozen LM head: no ``[V, H]`` weight gradient). Providers:
 
-* ``floor``: the four GEMMs any implementation must do (both heads' logits, dL/dh, dL/dW), on
-  random data of the same shapes: the compute floor.
+* ``floor``: the four GEMMs any implementation must do (both heads' logits, dL/dh, dL/dW; three
+  with a frozen head), on random data of the same shapes: the compute floor.
 * ``torch``: plain PyTorch: both models' full ``[N, V]`` logits, ``log_softmax``, the masked KL
   (as ``kl_div`` computes it), mean over tokens, ``backward()``.
 * ``cpp`` / ``cuda`` / ``triton``: ``unlearn_ext.fused_linear_masked_kl(..., backend=...)``.
@@ -45,12 +46,14 @@ CHECK_TOKENS = 128
 TOL = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2}
 
 
-def default_case(device: str, quick: bool, ce: bool) -> dict[str, Any]:
+def default_case(device: str, quick: bool, ce: bool, frozen_head: bool = False) -> dict[str, Any]:
     if quick:
-        return dict(N=256, H=64, V=4096, dtype="float32", ce=ce, seed=0)
-    if device == "cuda":
-        return dict(N=8192, H=4096, V=128256, dtype="bfloat16", ce=ce, seed=0)
-    return dict(N=2048, H=576, V=49152, dtype="float32", ce=ce, seed=0)
+        case = dict(N=256, H=64, V=4096, dtype="float32")
+    elif device == "cuda":
+        case = dict(N=8192, H=4096, V=128256, dtype="bfloat16")
+    else:
+        case = dict(N=2048, H=576, V=49152, dtype="float32")
+    return dict(case, ce=ce, frozen_head=frozen_head, seed=0)
 
 
 def make_inputs(case: dict[str, Any], device: str, tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -82,8 +85,10 @@ def plain_torch(hidden, weight, ref_hidden, ref_weight, vocab_mask, target, ce):
 
 
 def make_provider(provider: str, case: dict[str, Any], d: dict[str, torch.Tensor]):
-    """A zero-argument callable running forward + backward; returns (loss, dh, dW)."""
+    """A zero-argument callable running forward + backward; returns (loss, dh, dW or None when the
+    head is frozen)."""
     ce = case["ce"]
+    frozen = case.get("frozen_head", False)
     if provider == "floor":
         n, v = d["hidden"].shape[0], d["weight"].shape[0]
         g = torch.randn(n, v, dtype=d["hidden"].dtype, device=d["hidden"].device)
@@ -91,12 +96,12 @@ def make_provider(provider: str, case: dict[str, Any], d: dict[str, torch.Tensor
         def floor():
             d["hidden"] @ d["weight"].T
             d["ref_hidden"] @ d["ref_weight"].T
-            return None, g @ d["weight"], g.T @ d["hidden"]
+            return None, g @ d["weight"], None if frozen else g.T @ d["hidden"]
 
         return floor
 
     h = d["hidden"].clone().requires_grad_(True)
-    w = d["weight"].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(not frozen)
     kw = dict(vocab_mask=d["vocab_mask"], target=d["target"] if ce else None, ce_weight=1.0 if ce else 0.0)
 
     if provider == "torch":
@@ -159,17 +164,21 @@ def check(provider: str, case: dict[str, Any], device: str) -> dict[str, Any]:
     got = make_provider(provider, sub, d)()
     d64 = {k: (v.double() if v.is_floating_point() else v) for k, v in d.items()}
     want = make_provider("reference", sub, d64)()
-    return H.check_against_reference(got, want, ("loss", "d_hidden", "d_weight"), TOL[case["dtype"]])
+    names = ("loss", "d_hidden") if case.get("frozen_head") else ("loss", "d_hidden", "d_weight")
+    if case.get("frozen_head") and got[2] is not None:
+        return {"ok": False, "note": "the frozen head received a gradient"}
+    return H.check_against_reference(got[: len(names)], want[: len(names)], names, TOL[case["dtype"]])
 
 
 def main() -> None:
     parser = H.make_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--ce", action="store_true", help="add a cross-entropy term on every token")
+    parser.add_argument("--frozen-head", action="store_true", help="no gradient for the head weight (LoRA below it)")
     parser.add_argument("--providers", nargs="+", default=None)
     parser.add_argument("--size", nargs=3, type=int, metavar=("N", "H", "V"), default=None)
     args = parser.parse_args()
     device = H.resolve_device(args.device)
-    case = default_case(device.type, args.quick, args.ce)
+    case = default_case(device.type, args.quick, args.ce, args.frozen_head)
     if args.size:
         case.update(N=args.size[0], H=args.size[1], V=args.size[2])
     min_run = args.min_run_time or (0.05 if args.quick else 1.0)
@@ -188,10 +197,16 @@ def main() -> None:
     )  # fmt: skip
     H.print_provider_table(
         f"fused_linear_masked_kl fwd+bwd, N={case['N']} H={case['H']} V={case['V']} {case['dtype']}"
-        + (" +CE" if case["ce"] else ""),
+        + (" +CE" if case["ce"] else "")
+        + (" frozen head" if case["frozen_head"] else ""),
         rows,
     )
-    name = args.out or f"masked_kl_{device.type}" + ("_quick" if args.quick else "") + ("_ce" if args.ce else "")
+    name = args.out or (
+        f"masked_kl_{device.type}"
+        + ("_quick" if args.quick else "")
+        + ("_ce" if args.ce else "")
+        + ("_frozen_head" if args.frozen_head else "")
+    )
     path = H.write_json(name, {"case": case, "environment": H.environment_info(device), "rows": rows})
     print(f"wrote {path}")
     if any(r.get("status") == "FAILED" for r in rows):

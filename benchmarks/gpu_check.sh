@@ -49,6 +49,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     >"$OUT/bench_masked_kl.log" 2>&1 || status=1
   tail -15 "$OUT/bench_masked_kl.log"
   cp benchmarks/results/masked_kl_"${gpu}".json "$OUT/" 2>/dev/null || true
+  # The same with a frozen head (SIU with LoRA): no [V, H] weight gradient.
+  timeout 200 $PY benchmarks/bench_masked_kl.py --device cuda --frozen-head --providers floor torch cuda triton \
+    --out "masked_kl_${gpu}_frozen_head" >"$OUT/bench_masked_kl_frozen_head.log" 2>&1 || status=1
+  tail -12 "$OUT/bench_masked_kl_frozen_head.log"
+  cp benchmarks/results/masked_kl_"${gpu}"_frozen_head.json "$OUT/" 2>/dev/null || true
   # OPC's loss at Llama-3 sizes (N=8192, H=4096, V=131072, bf16): torch, compile, Liger, CCE, cuda, triton.
   timeout 300 $PY benchmarks/bench_ce_norm.py --device cuda --out "ce_norm_${gpu}" \
     >"$OUT/bench_ce_norm.log" 2>&1 || status=1

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -99,17 +100,19 @@ struct Result {
   at::Tensor gh, gw, gb;  // [N, H], [V, H], [V] (undefined when not computed / no bias)
 };
 
-// coef: dLoss/d value_n ([N], accumulation dtype, norm_weight folded in) when `grad`.
-Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CENormRowKernel row_kernel) {
+// `want`: the gradients to compute (none: the values only); coef: dLoss/d value_n ([N], accumulation
+// dtype, norm_weight folded in) when any is wanted.
+Result run(const Problem& p, bool squared, const HeadGradMask& want, const at::Tensor& coef,
+           CENormRowKernel row_kernel) {
   const auto opts = p.hidden.options();
   const auto acc_opts = opts.dtype(accum_dtype(p.hidden.scalar_type()));
+  const bool grad = want.any();
   Result res;
   res.values = at::zeros({p.N}, acc_opts);
   auto zero_grads = [&] {
-    if (!grad) return;
-    res.gh = at::zeros({p.N, p.H}, opts);
-    res.gw = at::zeros({p.V, p.H}, opts);
-    if (p.bias.defined()) res.gb = at::zeros({p.V}, opts);
+    if (want.hidden) res.gh = at::zeros({p.N, p.H}, opts);
+    if (want.weight) res.gw = at::zeros({p.V, p.H}, opts);
+    if (want.bias) res.gb = at::zeros({p.V}, opts);
   };
   at::Tensor active = p.target.ne(p.ignore_index);
   if (grad) active = active.logical_and(coef.ne(0));  // a zero coefficient contributes nothing
@@ -120,28 +123,28 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     return res;
   }
   const bool gather = n_act < p.N;
-  if (grad) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
+  if (want.hidden) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
   auto take = [&](const at::Tensor& t) { return gather ? t.index_select(0, idx).contiguous() : t; };
   const at::Tensor h = take(p.hidden);
   const at::Tensor tgt_a = take(p.target).contiguous();
   const at::Tensor forget_a = take(p.forget).to(at::kByte).contiguous();
   const at::Tensor coef_a = grad ? take(coef).to(acc_opts.dtype()).contiguous() : at::Tensor();
   at::Tensor val_a = at::zeros({n_act}, acc_opts);
-  at::Tensor gh_a = grad ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
+  at::Tensor gh_a = want.hidden ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
 
   // On the CPU the weight gradient and one logits chunk are the whole working set: the chunk is kept
   // at most a quarter of the weight's size, so the peak stays near 1.25 |W| + |grad_hidden|. Smaller
   // chunks cost speed (each re-reads and re-writes all of grad_weight in its K = rows GEMM): see the
   // chunk sweep in benchmarks/results/ce_norm_cpu_chunk*.json and the README.
   const int64_t elem = static_cast<int64_t>(p.hidden.element_size());
-  const int64_t budget = p.hidden.is_cpu() ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
+  const int64_t budget = p.hidden.is_cpu() && want.weight ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
                                            : kHeadChunkBytes;
   const char* env = "UNLEARN_EXT_CE_CHUNK_ROWS";
   const int64_t rows = head_rows_for_grad(head_tokens_per_chunk(p.V, elem, env, budget), n_act, p.H,
-                                          p.hidden.scalar_type(), grad, env);
+                                          p.hidden.scalar_type(), want.weight, env);
   // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
   std::optional<HeadGradSums> sums;
-  if (grad) sums.emplace(p.V, p.H, p.bias.defined(), opts, (n_act + rows - 1) / rows);
+  if (want.weight || want.bias) sums.emplace(p.V, p.H, want.weight, want.bias, opts, (n_act + rows - 1) / rows);
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
   CENormChunk chunk;
   chunk.squared = squared;
@@ -159,37 +162,48 @@ Result run(const Problem& p, bool squared, bool grad, const at::Tensor& coef, CE
     chunk.coef = grad ? coef_a.narrow(0, n0, m) : at::Tensor();
     chunk.out = val_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
+    if (grad) accumulate_head_grads(z, hc, p.weight, want.hidden ? gh_a.narrow(0, n0, m) : at::Tensor(), sums);
   }
   overflow.check();
-  if (grad) {
+  if (sums.has_value()) {
     zbuf = chunk.z = at::Tensor();  // freed before the sums are rounded
     res.gw = sums->weight();
     res.gb = sums->bias();
   }
   if (gather) {
     res.values.index_copy_(0, idx, val_a);
-    if (grad) res.gh.index_copy_(0, idx, gh_a);
+    if (want.hidden) res.gh.index_copy_(0, idx, gh_a);
   } else {
     res.values = val_a;
   }
   return res;
 }
 
+// Each gradient of `want` (undefined: not computed), or an empty tensor; distinct empty tensors, as
+// outputs must not alias each other.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_or_empty(const Result& res, const at::TensorOptions& opts) {
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  return {or_empty(res.gh), or_empty(res.gw), or_empty(res.gb)};
+}
+
 }  // namespace
 
 // Returns (loss, grad_hidden, grad_weight, grad_bias). loss is a scalar for mean/sum and [N] for none
-// (CE_n on retained rows, norm_weight * norm_n on forgotten rows, 0 on ignored rows). With
-// compute_grad (mean/sum only) the gradients of the loss are returned, else empty tensors.
+// (CE_n on retained rows, norm_weight * norm_n on forgotten rows, 0 on ignored rows). The gradients
+// of the loss that grad_mask (hidden, weight, bias; mean/sum only) asks for are returned, the others
+// as empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_norm_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask, double norm_weight, bool squared,
-    int64_t ignore_index, c10::string_view reduction, bool compute_grad, CENormRowKernel rows, bool half_ok) {
+    int64_t ignore_index, c10::string_view reduction, std::array<bool, 3> grad_mask, CENormRowKernel rows,
+    bool half_ok) {
   const Problem p = make_problem(hidden, weight, bias, target, forget_mask, ignore_index, half_ok);
   const Reduction red = parse_reduction(reduction);
   TORCH_CHECK_VALUE(std::isfinite(norm_weight), "norm_weight must be finite, got ", norm_weight);
+  const HeadGradMask want = head_grad_mask(grad_mask, p.bias.defined());
+  const bool compute_grad = want.any();
   TORCH_CHECK_VALUE(!compute_grad || red != Reduction::kNone,
-                    "compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward");
+                    "grad_mask is for reduction 'mean' or 'sum'; 'none' computes gradients in backward");
   const auto opts = p.hidden.options();
   const auto acc = accum_dtype(p.hidden.scalar_type());
   const at::Tensor valid = p.target.ne(ignore_index);
@@ -203,20 +217,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_norm_forward(
   // Per-row weight of value_n in the loss: 1 / n_ce on retained rows, norm_weight / n_f on forgotten rows.
   const at::Tensor row_w = red == Reduction::kNone ? c_rows + f_rows * norm_weight
                                                    : c_rows * (1.0 / c_div) + f_rows * (norm_weight / f_div);
-  Result res = run(p, squared, compute_grad, compute_grad ? row_w : at::Tensor(), rows);
+  Result res = run(p, squared, want, compute_grad ? row_w : at::Tensor(), rows);
   at::Tensor per_row = res.values * (c_rows + f_rows * norm_weight);
   at::Tensor loss = red == Reduction::kNone ? per_row : (res.values * row_w).sum();
-  // Distinct empty tensors: outputs must not alias each other.
-  if (!compute_grad) return {loss, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
-  return {loss, res.gh, res.gw, res.gb.defined() ? res.gb : at::empty({0}, opts)};
+  const auto [gh, gw, gb] = grads_or_empty(res, opts);
+  return {loss, gh, gw, gb};
 }
 
 // Gradients for grad_rows [N] = dLoss/d loss_n (loss_n: the per-row losses of reduction "none"):
-// returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty without a bias).
+// returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]), each an empty tensor where
+// output_mask says no (grad_bias also without a bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_norm_backward(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask,
-    double norm_weight, bool squared, int64_t ignore_index, CENormRowKernel rows, bool half_ok) {
+    double norm_weight, bool squared, int64_t ignore_index, std::array<bool, 3> output_mask, CENormRowKernel rows,
+    bool half_ok) {
   const Problem p = make_problem(hidden, weight, bias, target, forget_mask, ignore_index, half_ok);
   check_vector(grad_rows, p.N, "grad_rows", "one coefficient per row", p.hidden.device());
   TORCH_CHECK_VALUE(std::isfinite(norm_weight), "norm_weight must be finite, got ", norm_weight);
@@ -224,8 +239,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_norm_backward(
   const at::Tensor g = grad_rows.to(acc).contiguous();
   TORCH_CHECK_VALUE(all_finite(g), "the incoming gradient contains NaN or inf");
   const at::Tensor scale = at::where(p.forget, at::full({}, norm_weight, g.options()), at::ones({}, g.options()));
-  Result res = run(p, squared, /*grad=*/true, g * scale, rows);
-  return {res.gh, res.gw, res.gb.defined() ? res.gb : at::empty({0}, p.hidden.options())};
+  const HeadGradMask want = head_grad_mask(output_mask, p.bias.defined());
+  const Result res = want.any() ? run(p, squared, want, g * scale, rows) : Result{};
+  return grads_or_empty(res, p.hidden.options());
 }
 
 }  // namespace unlearn_ext

@@ -6,13 +6,15 @@
 // Tokens are processed in chunks of about 32 MiB of logits per model. For one chunk:
 //   1. Z = h W^T + b and R = h_ref W_ref^T + b_ref ([rows, V] each, reused buffers);
 //   2. the device row kernel: KL_n, CE_n and, when gradients are wanted, dLoss/dZ over Z in place;
-//   3. grad_hidden[chunk] = G W and grad_weight += G^T h, grad_bias += colsum(G).
+//   3. grad_hidden[chunk] = G W and grad_weight += G^T h, grad_bias += colsum(G), each only when wanted
+//      (a frozen head computes no grad_weight).
 // So the forward computes the gradients too (the autograd backward only scales them), and the extra
 // memory is the two chunk buffers. Tokens in neither the KL nor the CE are skipped (gathered out).
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -146,19 +148,20 @@ struct Result {
   at::Tensor gh, gw, gb;  // [N, H], [V, H], [V] (undefined when not computed / no bias)
 };
 
-// kl_coef / ce_coef: per-token gradient coefficients ([N], accumulation dtype) when `grad`.
-Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Tensor& kl_coef,
+// `want`: the gradients to compute (none: the loss only); kl_coef / ce_coef: per-token gradient
+// coefficients ([N], accumulation dtype) when any is wanted.
+Result run(const Problem& p, bool want_kl, bool want_ce, const HeadGradMask& want, const at::Tensor& kl_coef,
            const at::Tensor& ce_coef, MaskedKLRowKernel row_kernel) {
   const auto opts = p.hidden.options();
   const auto acc_opts = opts.dtype(accum_dtype(p.hidden.scalar_type()));
+  const bool grad = want.any();
   Result res;
   res.kl = at::zeros({p.N}, acc_opts);
   res.ce = at::zeros({p.N}, acc_opts);
   auto zero_grads = [&] {
-    if (!grad) return;
-    res.gh = at::zeros({p.N, p.H}, opts);
-    res.gw = at::zeros({p.V, p.H}, opts);
-    if (p.bias.defined()) res.gb = at::zeros({p.V}, opts);
+    if (want.hidden) res.gh = at::zeros({p.N, p.H}, opts);
+    if (want.weight) res.gw = at::zeros({p.V, p.H}, opts);
+    if (want.bias) res.gb = at::zeros({p.V}, opts);
   };
   if (p.N == 0 || (!want_kl && !want_ce)) {
     zero_grads();
@@ -182,7 +185,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     return res;
   }
   const bool gather = n_act < p.N;
-  if (grad) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
+  if (want.hidden) res.gh = gather ? at::zeros({p.N, p.H}, opts) : at::empty({p.N, p.H}, opts);
   auto take = [&](const at::Tensor& t) { return gather ? t.index_select(0, idx).contiguous() : t; };
   const at::Tensor h = take(p.hidden);
   const at::Tensor kl_row_a = take(kl_row).to(at::kByte).contiguous();
@@ -192,13 +195,13 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
   const at::Tensor klc_a = grad ? take(kl_coef).to(acc_opts.dtype()).contiguous() : at::Tensor();
   const at::Tensor cec_a = grad ? take(ce_coef).to(acc_opts.dtype()).contiguous() : at::Tensor();
   at::Tensor kl_a = at::zeros({n_act}, acc_opts), ce_a = at::zeros({n_act}, acc_opts);
-  at::Tensor gh_a = grad ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
+  at::Tensor gh_a = want.hidden ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
 
   const int64_t rows = head_rows_for_grad(tokens_per_chunk(p.V, p.hidden.element_size()), n_act, p.H,
-                                          p.hidden.scalar_type(), grad, kChunkRowsEnv);
+                                          p.hidden.scalar_type(), want.weight, kChunkRowsEnv);
   // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
   std::optional<HeadGradSums> sums;
-  if (grad) sums.emplace(p.V, p.H, p.bias.defined(), opts, (n_act + rows - 1) / rows);
+  if (want.weight || want.bias) sums.emplace(p.V, p.H, want.weight, want.bias, opts, (n_act + rows - 1) / rows);
   at::Tensor zbuf = at::empty({rows, p.V}, opts);
   at::Tensor rbuf = any_kl_row ? at::empty({rows, p.V}, opts) : at::Tensor();
 
@@ -233,10 +236,10 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
     chunk.kl_out = kl_a.narrow(0, n0, m);
     chunk.ce_out = ce_a.narrow(0, n0, m);
     row_kernel(chunk);
-    if (grad) accumulate_head_grads(z, hc, p.weight, gh_a.narrow(0, n0, m), *sums);
+    if (grad) accumulate_head_grads(z, hc, p.weight, want.hidden ? gh_a.narrow(0, n0, m) : at::Tensor(), sums);
   }
   overflow.check();
-  if (grad) {
+  if (sums.has_value()) {
     zbuf = rbuf = chunk.z = chunk.r = at::Tensor();  // freed before the sums are rounded
     res.gw = sums->weight();
     res.gb = sums->bias();
@@ -244,7 +247,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
   if (gather) {
     res.kl.index_copy_(0, idx, kl_a);
     res.ce.index_copy_(0, idx, ce_a);
-    if (grad) res.gh.index_copy_(0, idx, gh_a);
+    if (want.hidden) res.gh.index_copy_(0, idx, gh_a);
   } else {
     res.kl = kl_a;
     res.ce = ce_a;
@@ -256,25 +259,35 @@ Result run(const Problem& p, bool want_kl, bool want_ce, bool grad, const at::Te
 // The ops
 // ---------------------------------------------------------------------------------------------
 
-// Returns (loss, grad_hidden, grad_weight, grad_bias). loss is a scalar for mean/sum and [N] for none
-// (kl_weight * KL_n * token_mask_n + ce_weight * CE_n). With compute_grad (mean/sum only) the
-// gradients of the loss are returned, else empty tensors; grad_bias is empty without a bias.
+// Each gradient of `want` (undefined: not computed), or an empty tensor; distinct empty tensors, as
+// outputs must not alias each other.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_or_empty(const Result& res, const at::TensorOptions& opts) {
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  return {or_empty(res.gh), or_empty(res.gw), or_empty(res.gb)};
+}
+
 }  // namespace
+
+// Returns (loss, grad_hidden, grad_weight, grad_bias). loss is a scalar for mean/sum and [N] for none
+// (kl_weight * KL_n * token_mask_n + ce_weight * CE_n). The gradients of the loss that grad_mask
+// (hidden, weight, bias; mean/sum only) asks for are returned, the others as empty tensors.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_kl_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias,
     const c10::optional<at::Tensor>& token_mask, const c10::optional<at::Tensor>& vocab_mask,
     const c10::optional<at::Tensor>& target, double kl_weight, double ce_weight, double temperature,
-    int64_t ignore_index, bool renormalize, c10::string_view reduction, bool compute_grad, MaskedKLRowKernel rows,
-    bool half_ok) {
+    int64_t ignore_index, bool renormalize, c10::string_view reduction, std::array<bool, 3> grad_mask,
+    MaskedKLRowKernel rows, bool half_ok) {
   const Problem p = make_problem(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask,
                                  target, temperature, ignore_index, renormalize, half_ok);
   const Reduction red = parse_reduction(reduction);
   TORCH_CHECK_VALUE(std::isfinite(kl_weight) && std::isfinite(ce_weight), "kl_weight and ce_weight must be finite");
   TORCH_CHECK_VALUE(ce_weight == 0.0 || p.target.defined(), "ce_weight=", ce_weight, " needs target");
+  const HeadGradMask want = head_grad_mask(grad_mask, p.bias.defined());
+  const bool compute_grad = want.any();
   TORCH_CHECK_VALUE(!compute_grad || red != Reduction::kNone,
-                    "compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward");
+                    "grad_mask is for reduction 'mean' or 'sum'; 'none' computes gradients in backward");
   const bool want_kl = kl_weight != 0.0;
   const bool want_ce = ce_weight != 0.0;
   const auto opts = p.hidden.options();
@@ -294,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_kl_forward(
     kl_coef = kl_tok * (kl_weight / kl_div);
     ce_coef = ce_tok * (ce_weight / ce_div);
   }
-  Result res = run(p, want_kl, want_ce, compute_grad, kl_coef, ce_coef, rows);
+  Result res = run(p, want_kl, want_ce, want, kl_coef, ce_coef, rows);
   at::Tensor per_token = res.kl * kl_weight + res.ce * ce_weight;  // KL_n is 0 off the token mask
   at::Tensor loss;
   if (red == Reduction::kNone) {
@@ -302,19 +315,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_kl_forward(
   } else {
     loss = res.kl.sum() * (kl_weight / kl_div) + res.ce.sum() * (ce_weight / ce_div);
   }
-  // Distinct empty tensors: outputs must not alias each other.
-  if (!compute_grad) return {loss, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
-  return {loss, res.gh, res.gw, res.gb.defined() ? res.gb : at::empty({0}, opts)};
+  const auto [gh, gw, gb] = grads_or_empty(res, opts);
+  return {loss, gh, gw, gb};
 }
 
 // Gradients for per-token coefficients grad_kl [N] (dLoss/dKL_n) and grad_ce [N] (dLoss/dCE_n):
-// returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or empty without a bias).
+// returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]), each an empty tensor where
+// output_mask says no (grad_bias also without a bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_kl_backward(
     const at::Tensor& grad_kl, const at::Tensor& grad_ce, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
     const c10::optional<at::Tensor>& ref_bias, const c10::optional<at::Tensor>& token_mask,
     const c10::optional<at::Tensor>& vocab_mask, const c10::optional<at::Tensor>& target, double temperature,
-    int64_t ignore_index, bool renormalize, MaskedKLRowKernel rows, bool half_ok) {
+    int64_t ignore_index, bool renormalize, std::array<bool, 3> output_mask, MaskedKLRowKernel rows, bool half_ok) {
   const Problem p = make_problem(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask,
                                  target, temperature, ignore_index, renormalize, half_ok);
   const auto dev = p.hidden.device();
@@ -327,8 +340,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_kl_backward(
   const bool want_ce = p.target.defined() && cec.ne(0).any().item<bool>();
   const bool want_kl = klc.ne(0).any().item<bool>();
   TORCH_CHECK_VALUE(all_finite(klc) && all_finite(cec), "the incoming gradient contains NaN or inf");
-  Result res = run(p, want_kl, want_ce, /*grad=*/true, klc, cec, rows);
-  return {res.gh, res.gw, res.gb.defined() ? res.gb : at::empty({0}, opts)};
+  const HeadGradMask want = head_grad_mask(output_mask, p.bias.defined());
+  const Result res = want.any() ? run(p, want_kl, want_ce, want, klc, cec, rows) : Result{};
+  return grads_or_empty(res, opts);
 }
 
 }  // namespace unlearn_ext

@@ -38,31 +38,35 @@ TORCH_LIBRARY(unlearn_ext, m) {
   // ---- masked KL fused with the LM heads (SIU's loss), DESIGN.md 4.2 ----
   // hidden [N, H], weight [V, H], ref_hidden [N, H_ref], ref_weight [V, H_ref]; token_mask bool [N],
   // vocab_mask bool [V], target int [N]. Returns (loss: [] for mean/sum, [N] for none; grad_hidden,
-  // grad_weight, grad_bias: the loss's gradients when compute_grad (mean/sum only), else empty).
+  // grad_weight, grad_bias: the loss's gradients that grad_mask (hidden, weight, bias) asks for, computed
+  // in the forward (mean/sum only), the others empty; a frozen head needs no [V, H] weight gradient).
   m.def(
       "fused_linear_masked_kl(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
       "Tensor? ref_bias, Tensor? token_mask, Tensor? vocab_mask, Tensor? target, float kl_weight, float ce_weight, "
-      "float temperature, int ignore_index, bool renormalize, str reduction, bool compute_grad) "
+      "float temperature, int ignore_index, bool renormalize, str reduction, bool[3] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // grad_kl [N] = dLoss/dKL_n, grad_ce [N] = dLoss/dCE_n; returns (grad_hidden, grad_weight, grad_bias or empty).
+  // grad_kl [N] = dLoss/dKL_n, grad_ce [N] = dLoss/dCE_n; returns (grad_hidden, grad_weight, grad_bias), each
+  // empty where output_mask says no (grad_bias also without a bias).
   m.def(
       "fused_linear_masked_kl_backward(Tensor grad_kl, Tensor grad_ce, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor ref_hidden, Tensor ref_weight, Tensor? ref_bias, Tensor? token_mask, Tensor? vocab_mask, "
-      "Tensor? target, float temperature, int ignore_index, bool renormalize) -> (Tensor, Tensor, Tensor)");
+      "Tensor? target, float temperature, int ignore_index, bool renormalize, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // ---- cross-entropy fused with a norm penalty and the head (OPC's loss), DESIGN.md 4.3 ----
   // hidden [N, H], weight [V, H], bias [V], target int [N], forget_mask bool [N]. Returns (loss: [] for
-  // mean/sum, [N] for none; grad_hidden, grad_weight, grad_bias: the loss's gradients when
-  // compute_grad (mean/sum only), else empty).
+  // mean/sum, [N] for none; grad_hidden, grad_weight, grad_bias: the loss's gradients that grad_mask
+  // (hidden, weight, bias) asks for, computed in the forward (mean/sum only), the others empty).
   m.def(
       "fused_linear_ce_norm(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor? forget_mask, "
-      "float norm_weight, bool squared, int ignore_index, str reduction, bool compute_grad) "
+      "float norm_weight, bool squared, int ignore_index, str reduction, bool[3] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // grad_rows [N] = dLoss/d loss_n (the per-row losses of reduction 'none'); returns (grad_hidden,
-  // grad_weight, grad_bias or empty).
+  // grad_weight, grad_bias), each empty where output_mask says no.
   m.def(
       "fused_linear_ce_norm_backward(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-      "Tensor? forget_mask, float norm_weight, bool squared, int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "Tensor? forget_mask, float norm_weight, bool squared, int ignore_index, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // ---- `unlearn_ext._C`: build information only (ops are reached through torch.ops) ----

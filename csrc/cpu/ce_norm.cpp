@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -130,17 +131,17 @@ void cpu_rows(const CENormChunk& c) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_ce_norm_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask, double norm_weight, bool squared,
-    int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+    int64_t ignore_index, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   return ce_norm_forward(hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction,
-                         compute_grad, &cpu_rows, /*half_ok=*/false);
+                         grad_mask, &cpu_rows, /*half_ok=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_ce_norm_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask,
-    double norm_weight, bool squared, int64_t ignore_index) {
+    double norm_weight, bool squared, int64_t ignore_index, std::array<bool, 3> output_mask) {
   return ce_norm_backward(grad_rows, hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index,
-                          &cpu_rows, /*half_ok=*/false);
+                          output_mask, &cpu_rows, /*half_ok=*/false);
 }
 
 }  // namespace

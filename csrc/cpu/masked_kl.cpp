@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -292,9 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_masked_k
     const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias,
     const c10::optional<at::Tensor>& token_mask, const c10::optional<at::Tensor>& vocab_mask,
     const c10::optional<at::Tensor>& target, double kl_weight, double ce_weight, double temperature,
-    int64_t ignore_index, bool renormalize, c10::string_view reduction, bool compute_grad) {
+    int64_t ignore_index, bool renormalize, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   return masked_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-                           kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad,
+                           kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, grad_mask,
                            &cpu_rows, /*half_ok=*/false);
 }
 
@@ -303,9 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_masked_kl_backward_c
     const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
     const c10::optional<at::Tensor>& ref_bias, const c10::optional<at::Tensor>& token_mask,
     const c10::optional<at::Tensor>& vocab_mask, const c10::optional<at::Tensor>& target, double temperature,
-    int64_t ignore_index, bool renormalize) {
+    int64_t ignore_index, bool renormalize, std::array<bool, 3> output_mask) {
   return masked_kl_backward(grad_kl, grad_ce, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask,
-                            vocab_mask, target, temperature, ignore_index, renormalize, &cpu_rows,
+                            vocab_mask, target, temperature, ignore_index, renormalize, output_mask, &cpu_rows,
                             /*half_ok=*/false);
 }
 

@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -143,19 +144,19 @@ void cuda_rows(const CENormChunk& c) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_ce_norm_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask, double norm_weight, bool squared,
-    int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+    int64_t ignore_index, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return ce_norm_forward(hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction,
-                         compute_grad, &cuda_rows, /*half_ok=*/true);
+                         grad_mask, &cuda_rows, /*half_ok=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_ce_norm_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask,
-    double norm_weight, bool squared, int64_t ignore_index) {
+    double norm_weight, bool squared, int64_t ignore_index, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return ce_norm_backward(grad_rows, hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index,
-                          &cuda_rows, /*half_ok=*/true);
+                          output_mask, &cuda_rows, /*half_ok=*/true);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -213,10 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_masked_k
     const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias,
     const c10::optional<at::Tensor>& token_mask, const c10::optional<at::Tensor>& vocab_mask,
     const c10::optional<at::Tensor>& target, double kl_weight, double ce_weight, double temperature,
-    int64_t ignore_index, bool renormalize, c10::string_view reduction, bool compute_grad) {
+    int64_t ignore_index, bool renormalize, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return masked_kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-                           kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad,
+                           kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, grad_mask,
                            &cuda_rows, /*half_ok=*/true);
 }
 
@@ -225,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_masked_kl_backward_c
     const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
     const c10::optional<at::Tensor>& ref_bias, const c10::optional<at::Tensor>& token_mask,
     const c10::optional<at::Tensor>& vocab_mask, const c10::optional<at::Tensor>& target, double temperature,
-    int64_t ignore_index, bool renormalize) {
+    int64_t ignore_index, bool renormalize, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return masked_kl_backward(grad_kl, grad_ce, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask,
-                            vocab_mask, target, temperature, ignore_index, renormalize, &cuda_rows,
+                            vocab_mask, target, temperature, ignore_index, renormalize, output_mask, &cuda_rows,
                             /*half_ok=*/true);
 }
 

@@ -53,9 +53,10 @@ def _inputs(n, h, v, dtype=torch.float32, *, bias=True, seed=None, scale=1.0, p_
     return d
 
 
-def _run(fn, d, upstream, **kw):
-    """Loss and gradients of hidden/weight/bias under ``fn`` with ``upstream`` as dLoss."""
-    leaves = {k: d[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias") if k in d}
+def _run(fn, d, upstream, *, leaves=("hidden", "weight", "bias"), **kw):
+    """Loss and gradients of the ``leaves`` (of hidden/weight/bias; the others frozen) under ``fn``
+    with ``upstream`` as dLoss."""
+    leaves = {k: d[k].detach().clone().requires_grad_(True) for k in leaves if k in d}
     args = {**d, **leaves}
     loss = fn(args.pop("hidden"), args.pop("weight"), args.pop("target"), **args, **kw)
     (loss * upstream).sum().backward()
@@ -75,13 +76,13 @@ def _kernel(backend):
     return lambda *a, **k: fused_linear_ce_norm(*a, backend=backend, **k)
 
 
-def _compare(d, backend, *, rtol, **kw):
+def _compare(d, backend, *, rtol, leaves=("hidden", "weight", "bias"), **kw):
     reduction = kw.get("reduction", "mean")
     n = d["hidden"].shape[0]
     upstream = torch.randn(n if reduction == "none" else (), dtype=torch.float64)
     dev = backend_device(backend)
-    loss, grads = _run(_kernel(backend), _on(d, backend), upstream.to(d["hidden"].dtype).to(dev), **kw)
-    eloss, egrads = _run(reference, _to64(d), upstream, **kw)
+    loss, grads = _run(_kernel(backend), _on(d, backend), upstream.to(d["hidden"].dtype).to(dev), leaves=leaves, **kw)
+    eloss, egrads = _run(reference, _to64(d), upstream, leaves=leaves, **kw)
     assert loss.dtype == (torch.float64 if d["hidden"].dtype == torch.float64 else torch.float32)
     assert loss.shape == eloss.shape
     assert_close_rel(loss.double().cpu(), eloss, rtol, what="loss")
@@ -163,6 +164,44 @@ def test_many_chunks_and_gathered_rows(monkeypatch, backend, chunk_rows):
     n, v = (70, 201) if backend == "triton" else (130, 517)
     _compare(_inputs(n, 24, v), backend, rtol=RTOL[torch.float32], norm_weight=0.7)
     _compare(_inputs(n, 24, v), backend, rtol=RTOL[torch.float32], squared=False, reduction="none")
+
+
+# Which of hidden/weight/bias require grad: a frozen head (trained features) first.
+GRAD_SUBSETS = [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias")]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("leaves", GRAD_SUBSETS, ids="+".join)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_head_or_frozen_features(monkeypatch, backend, leaves, reduction):
+    monkeypatch.setenv("UNLEARN_EXT_CE_CHUNK_ROWS", "7")  # several chunks: the sums skip what is frozen
+    d = _inputs(37, 13, 71, torch.float64)
+    _compare(d, backend, rtol=RTOL[torch.float64], leaves=leaves, norm_weight=0.6, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_grad_mask_computes_only_the_gradients_it_asks_for(monkeypatch, backend, mask):
+    monkeypatch.setenv("UNLEARN_EXT_CE_CHUNK_ROWS", "5")
+    d = _on(_inputs(23, 9, 41, torch.float64), backend)
+    forward, backward = _ops(backend)
+    args = (d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 0.8, True, -100, "mean")
+    full = forward(*args, [True, True, True])
+    got = forward(*args, list(mask))
+    torch.testing.assert_close(got[0], full[0], rtol=0, atol=0)
+    g = torch.randn(23, dtype=torch.float64).to(d["hidden"].device)
+    bargs = (g, d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 0.8, True, -100)
+    bfull = backward(*bargs, [True, True, True])
+    bgot = backward(*bargs, list(mask))
+    for wanted, a, b, ba, bb in zip(mask, got[1:], full[1:], bgot, bfull, strict=True):
+        if wanted:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+            torch.testing.assert_close(ba, bb, rtol=1e-12, atol=0)
+        else:  # not computed at all: an empty placeholder
+            assert a.numel() == 0 and ba.numel() == 0
+    # Without a bias, a requested bias gradient is an empty placeholder too.
+    nb = backward(*bargs[:3], None, *bargs[4:], [False, False, True])
+    assert all(t.numel() == 0 for t in nb)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -274,18 +313,26 @@ def _ops(backend):
     return getattr(OPS, "fused_linear_ce_norm" + suffix), getattr(OPS, "fused_linear_ce_norm_backward" + suffix)
 
 
+ALL_GRADS, NO_GRADS, FROZEN_HEAD = [True, True, True], [False, False, False], [True, False, False]
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize(
-    ("compute_grad", "reduction"), [(True, "mean"), (False, "mean"), (True, "sum"), (False, "none")]
-)
-def test_opcheck(backend, compute_grad, reduction):
+    ("grad_mask", "reduction"),
+    [(ALL_GRADS, "mean"), (NO_GRADS, "mean"), (ALL_GRADS, "sum"), (FROZEN_HEAD, "mean"), ([False, True, True], "sum"),
+     (NO_GRADS, "none")],
+    ids=["all-mean", "none-mean", "all-sum", "frozen-head-mean", "head-only-sum", "none-none"],
+)  # fmt: skip
+def test_opcheck(backend, grad_mask, reduction):
     d = _on(_inputs(9, 6, 17, torch.float64), backend)
     forward, backward = _ops(backend)
-    h, w, b = (d[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
-    torch.library.opcheck(forward, (h, w, b, d["target"], d["forget_mask"], 0.8, False, -100, reduction, compute_grad))
+    req = [m or not any(grad_mask) for m in grad_mask]  # all False: the backward op recomputes
+    h, w, b = (d[k].clone().requires_grad_(r) for k, r in zip(("hidden", "weight", "bias"), req, strict=True))
+    torch.library.opcheck(forward, (h, w, b, d["target"], d["forget_mask"], 0.8, False, -100, reduction, grad_mask))
     g = torch.randn(9, dtype=torch.float64).to(d["hidden"].device)
+    mask = FROZEN_HEAD if grad_mask == FROZEN_HEAD else ALL_GRADS
     torch.library.opcheck(
-        backward, (g, d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 0.8, True, -100)
+        backward, (g, d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 0.8, True, -100, mask)
     )
 
 
@@ -412,7 +459,7 @@ def test_kernels_check_class_ids_themselves(backend):
     d["target"][1] = 7
     forward, _ = _ops(backend)
     with pytest.raises(ValueError, match=r"in \[0, 7\)"):
-        forward(d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 1.0, True, -100, "mean", False)
+        forward(d["hidden"], d["weight"], d["bias"], d["target"], d["forget_mask"], 1.0, True, -100, "mean", NO_GRADS)
 
 
 @needs_cpp

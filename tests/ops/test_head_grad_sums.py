@@ -36,7 +36,7 @@ def test_low_precision_sums_stay_within_twice_one_gemm(dtype, chunks):
     want_b = dz.double().sum(0)
     one_gemm = dz.T @ hidden  # plain PyTorch: one GEMM, one rounding
     one_sum = dz.sum(0)
-    sums = HeadGradSums(v, h, True, dtype, "cpu", chunks)
+    sums = HeadGradSums(v, h, True, True, dtype, "cpu", chunks)
     m = -(-n // chunks)
     for n0 in range(0, n, m):
         sums.add(dz[n0 : n0 + m], hidden[n0 : n0 + m])
@@ -62,17 +62,45 @@ def test_summing_many_chunks_in_bfloat16_would_break_the_bound(chunks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_sums_with_no_chunk_are_zero_and_without_bias_none(dtype):
-    sums = HeadGradSums(7, 3, False, dtype, "cpu", 20)
+    sums = HeadGradSums(7, 3, True, False, dtype, "cpu", 20)
     gw, gb = sums.result()
     assert gb is None and gw.dtype == dtype and not gw.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_head_allocates_no_weight_gradient(dtype):
+    """With weight=False only the bias gradient is summed (what a frozen head's loss needs: none, or
+    the bias alone); with neither, nothing is allocated."""
+    g = torch.Generator().manual_seed(3)
+    dz, h = torch.randn(9, 7, generator=g).to(dtype), torch.randn(9, 3, generator=g).to(dtype)
+    sums = HeadGradSums(7, 3, False, True, dtype, "cpu", 1000)
+    assert sums.gw is None
+    for n0 in range(0, 9, 4):
+        sums.add(dz[n0 : n0 + 4], h[n0 : n0 + 4])
+    gw, gb = sums.result()
+    assert gw is None and gb.dtype == dtype
+    torch.testing.assert_close(gb, dz.double().sum(0).to(dtype))  # float32 sums: one rounding at the end
+    none = HeadGradSums(7, 3, False, False, dtype, "cpu", 1000)
+    none.add(dz, h)
+    assert none.gw is None and none.gb is None and none.result() == (None, None)
+
+
+def test_a_gradient_the_forward_did_not_compute_is_an_error():
+    saved = (torch.ones(5, 4), torch.empty(0), torch.empty(0))
+    dh, dw, db = scale_saved_grads(saved, torch.tensor(2.0), (True, False, False), True, (True, False, False))
+    assert torch.equal(dh, torch.full((5, 4), 2.0)) and dw is None and db is None
+    with pytest.raises(RuntimeError, match="gradient of weight is needed but the forward did not compute it"):
+        scale_saved_grads(saved, torch.tensor(2.0), (True, True, False), True, (True, False, False))
+    # No bias: a bias flag in needs is not an error.
+    scale_saved_grads(saved, torch.tensor(2.0), (True, False, True), False, (True, False, False))
+
+
 def test_float32_heads_sum_in_place_whatever_the_chunk_count():
-    sums = HeadGradSums(7, 3, True, torch.float32, "cpu", 1000)
+    sums = HeadGradSums(7, 3, True, True, torch.float32, "cpu", 1000)
     assert sums.gw.dtype == torch.float32 and sums.gb.dtype == torch.float32
-    low = HeadGradSums(7, 3, True, torch.bfloat16, "cpu", MAX_LOW_PRECISION_CHUNKS)
+    low = HeadGradSums(7, 3, True, True, torch.bfloat16, "cpu", MAX_LOW_PRECISION_CHUNKS)
     assert low.gw.dtype == torch.bfloat16 and low.gb.dtype == torch.float32
-    assert HeadGradSums(7, 3, True, torch.bfloat16, "cpu", MAX_LOW_PRECISION_CHUNKS + 1).gw.dtype == torch.float32
+    assert HeadGradSums(7, 3, True, True, torch.bfloat16, "cpu", MAX_LOW_PRECISION_CHUNKS + 1).gw.dtype == torch.float32
 
 
 def test_rows_for_grad_takes_a_quarter_of_the_weight_per_chunk(monkeypatch):
@@ -106,9 +134,9 @@ def test_upstream_gradient_scales_in_full_precision(dtype):
     g = torch.Generator().manual_seed(0)
     saved = tuple(torch.randn(*s, generator=g).to(dtype) for s in ((5, 4), (7, 4), (7,)))
     up = torch.tensor(0.3, dtype=torch.float32)
-    gh, gw, gb = scale_saved_grads(saved, up, (True, True, True), True)
+    gh, gw, gb = scale_saved_grads(saved, up, (True, True, True), True, (True, True, True))
     for got, t in zip((gh, gw, gb), saved, strict=True):
         assert got.dtype == dtype
         assert torch.equal(got, (t.double() * 0.3).to(dtype))
-    unit = scale_saved_grads(saved, torch.tensor(1.0), (True, True, False), True)
+    unit = scale_saved_grads(saved, torch.tensor(1.0), (True, True, False), True, (True, True, True))
     assert unit[0] is saved[0] and unit[1] is saved[1] and unit[2] is None  # no copy at exactly 1

@@ -58,9 +58,10 @@ def _inputs(n, h, v, dtype=torch.float32, *, hr=None, bias=True, seed=None, scal
     return d
 
 
-def _run(fn, d, upstream, **kw):
-    """Loss and gradients of hidden/weight/bias under ``fn`` with ``upstream`` as dLoss."""
-    leaves = {k: d[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias") if k in d}
+def _run(fn, d, upstream, *, leaves=("hidden", "weight", "bias"), **kw):
+    """Loss and gradients of the ``leaves`` (of hidden/weight/bias; the others frozen) under ``fn``
+    with ``upstream`` as dLoss."""
+    leaves = {k: d[k].detach().clone().requires_grad_(True) for k in leaves if k in d}
     args = {**d, **leaves}
     loss = fn(args.pop("hidden"), args.pop("weight"), args.pop("ref_hidden"), args.pop("ref_weight"), **args, **kw)
     (loss * upstream).sum().backward()
@@ -81,13 +82,13 @@ def _kernel(backend):
     return lambda *a, **k: fused_linear_masked_kl(*a, backend=backend, **k)
 
 
-def _compare(d, backend, *, rtol, **kw):
+def _compare(d, backend, *, rtol, leaves=("hidden", "weight", "bias"), **kw):
     reduction = kw.get("reduction", "mean")
     n = d["hidden"].shape[0]
     upstream = torch.randn(n if reduction == "none" else (), dtype=torch.float64)
     dev = backend_device(backend)
-    loss, grads = _run(_kernel(backend), _on(d, backend), upstream.to(d["hidden"].dtype).to(dev), **kw)
-    eloss, egrads = _run(reference, _to64(d), upstream, **kw)
+    loss, grads = _run(_kernel(backend), _on(d, backend), upstream.to(d["hidden"].dtype).to(dev), leaves=leaves, **kw)
+    eloss, egrads = _run(reference, _to64(d), upstream, leaves=leaves, **kw)
     assert loss.dtype == d["hidden"].dtype
     assert_close_rel(loss.double(), eloss, rtol, what="loss")
     for k in grads:
@@ -168,6 +169,45 @@ def test_many_chunks_and_gathered_rows(monkeypatch, backend, bias, chunk_rows):
     n, v = (70, 201) if backend == "triton" else (130, 517)
     d = _inputs(n, 24, v, torch.float32, bias=bias)
     _compare(d, backend, rtol=RTOL[torch.float32], ce_weight=0.5, temperature=1.7)
+
+
+# Which of hidden/weight/bias require grad: a frozen head (LoRA below it) first.
+GRAD_SUBSETS = [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias")]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("leaves", GRAD_SUBSETS, ids="+".join)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_head_or_frozen_features(monkeypatch, backend, leaves, reduction):
+    monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", "7")  # several chunks: the sums skip what is frozen
+    d = _inputs(37, 13, 71, torch.float64)
+    _compare(d, backend, rtol=RTOL[torch.float64], leaves=leaves, ce_weight=0.6, temperature=1.4, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_grad_mask_computes_only_the_gradients_it_asks_for(monkeypatch, backend, mask):
+    monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", "5")
+    d = _on(_inputs(23, 9, 41, torch.float64), backend)
+    forward, backward = _ops(backend)
+    full = forward(*_op_args(d, grad_mask=[True, True, True], requires_grad=False))
+    got = forward(*_op_args(d, grad_mask=list(mask), requires_grad=False))
+    torch.testing.assert_close(got[0], full[0], rtol=0, atol=0)
+    n = d["hidden"].shape[0]
+    g = torch.randn(2, n, dtype=torch.float64).to(d["hidden"].device)
+    bargs = (g[0], g[1], d["hidden"], d["weight"], d["bias"], d["ref_hidden"], d["ref_weight"], d["ref_bias"],
+             d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, False)  # fmt: skip
+    bfull = backward(*bargs, [True, True, True])
+    bgot = backward(*bargs, list(mask))
+    for wanted, a, b, ba, bb in zip(mask, got[1:], full[1:], bgot, bfull, strict=True):
+        if wanted:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+            torch.testing.assert_close(ba, bb, rtol=1e-12, atol=0)
+        else:  # not computed at all: an empty placeholder
+            assert a.numel() == 0 and ba.numel() == 0
+    # Without a bias, a requested bias gradient is an empty placeholder too.
+    nb = backward(*bargs[:4], None, *bargs[5:], [False, False, True])
+    assert all(t.numel() == 0 for t in nb)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -312,12 +352,13 @@ def test_gradcheck(backend, reduction):
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
-def _op_args(d, *, compute_grad, reduction="mean", requires_grad=True):
-    h = d["hidden"].clone().requires_grad_(requires_grad)
-    w = d["weight"].clone().requires_grad_(requires_grad)
-    b = d["bias"].clone().requires_grad_(requires_grad)
+def _op_args(d, *, grad_mask, reduction="mean", requires_grad=True):
+    """The forward op's arguments; hidden/weight/bias require grad as ``grad_mask`` says (all of them
+    when it is all False: the backward op recomputes), or not at all without ``requires_grad``."""
+    req = [requires_grad and (m or not any(grad_mask)) for m in grad_mask]
+    h, w, b = (d[k].clone().requires_grad_(r) for k, r in zip(("hidden", "weight", "bias"), req, strict=True))
     return (h, w, b, d["ref_hidden"], d["ref_weight"], d["ref_bias"], d["token_mask"], d["vocab_mask"], d["target"],
-            0.8, 0.5, 1.5, -100, False, reduction, compute_grad)  # fmt: skip
+            0.8, 0.5, 1.5, -100, False, reduction, grad_mask)  # fmt: skip
 
 
 def _ops(backend):
@@ -325,20 +366,27 @@ def _ops(backend):
     return getattr(OPS, "fused_linear_masked_kl" + suffix), getattr(OPS, "fused_linear_masked_kl_backward" + suffix)
 
 
+ALL_GRADS, NO_GRADS, FROZEN_HEAD = [True, True, True], [False, False, False], [True, False, False]
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize(
-    ("compute_grad", "reduction"), [(True, "mean"), (False, "mean"), (True, "sum"), (False, "none")]
-)
-def test_opcheck(backend, compute_grad, reduction):
+    ("grad_mask", "reduction"),
+    [(ALL_GRADS, "mean"), (NO_GRADS, "mean"), (ALL_GRADS, "sum"), (FROZEN_HEAD, "mean"), ([False, True, True], "sum"),
+     (NO_GRADS, "none")],
+    ids=["all-mean", "none-mean", "all-sum", "frozen-head-mean", "head-only-sum", "none-none"],
+)  # fmt: skip
+def test_opcheck(backend, grad_mask, reduction):
     d = _on(_inputs(9, 6, 17, torch.float64), backend)
     forward, backward = _ops(backend)
-    torch.library.opcheck(forward, _op_args(d, compute_grad=compute_grad, reduction=reduction))
+    torch.library.opcheck(forward, _op_args(d, grad_mask=grad_mask, reduction=reduction))
     n = d["hidden"].shape[0]
     g = torch.randn(2, n, dtype=torch.float64).to(d["hidden"].device)
+    mask = FROZEN_HEAD if grad_mask == FROZEN_HEAD else ALL_GRADS
     torch.library.opcheck(
         backward,
         (g[0], g[1], d["hidden"], d["weight"], d["bias"], d["ref_hidden"], d["ref_weight"], d["ref_bias"],
-         d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, True),
+         d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, True, mask),
     )  # fmt: skip
 
 

@@ -22,13 +22,16 @@ import triton.language as tl
 from unlearn_ext.ops._common import accum_dtype
 from unlearn_ext.ops._head_chunks import (
     Float16Overflow,
+    GradMask,
     HeadGradSums,
     accumulate_grads,
     block_v,
     check_finite,
+    grads_or_empty,
     logits_into,
     rows_for_grad,
     rows_per_chunk,
+    zero_grads,
 )
 
 
@@ -97,14 +100,15 @@ def _check_targets(target, forget_mask, vocab: int, ignore_index: int) -> None:
         )
 
 
-def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_index: int):
-    """Per-row values (``[N]``, accumulation dtype: CE_n or the norm, 0 on ignored rows) and, when
-    ``coef`` (``[N]``, dLoss/d value_n) is given, the gradients (the C++ driver's ``run``)."""
+def _run(hidden, weight, bias, target, forget_mask, squared: bool, want: GradMask, coef, ignore_index: int):
+    """Per-row values (``[N]``, accumulation dtype: CE_n or the norm, 0 on ignored rows) and the
+    gradients ``want`` asks for (None for the others) for ``coef`` (``[N]``, dLoss/d value_n; used
+    when any is wanted): the C++ driver's ``run``."""
     n, h_dim = hidden.shape
     v = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     acc = accum_dtype(dt)
-    grad = coef is not None
+    grad = want.any()
     values = torch.zeros(n, dtype=acc, device=dev)
     active = target != ignore_index
     if grad:
@@ -112,10 +116,7 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
     idx = active.nonzero().flatten()
     n_act = idx.numel()
     if n_act == 0:
-        if not grad:
-            return values, None, None, None
-        gb = torch.zeros(v, dtype=dt, device=dev) if bias is not None else None
-        return values, torch.zeros(n, h_dim, dtype=dt, device=dev), torch.zeros(v, h_dim, dtype=dt, device=dev), gb
+        return values, *zero_grads(want, n, h_dim, v, dt, dev)
     gather = n_act < n
 
     def take(t):
@@ -127,13 +128,15 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
     forget_a = take(forget).to(torch.int32).contiguous()
     coef_a = take(coef).to(acc).contiguous() if grad else values
     val_a = torch.zeros(n_act, dtype=acc, device=dev)
-    gh = gw = gb = None
-    if grad:
+    gh = gw = gb = gh_a = None
+    if want.hidden:
         gh = torch.zeros(n, h_dim, dtype=dt, device=dev) if gather else torch.empty(n, h_dim, dtype=dt, device=dev)
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
     env = "UNLEARN_EXT_CE_CHUNK_ROWS"
-    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, grad, env)
-    sums = HeadGradSums(v, h_dim, bias is not None, dt, dev, -(-n_act // rows)) if grad else None
+    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env)
+    sums = None
+    if want.weight or want.bias:
+        sums = HeadGradSums(v, h_dim, want.weight, want.bias, dt, dev, -(-n_act // rows))
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     w = weight.contiguous()
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
@@ -149,14 +152,14 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, coef, ignore_
             SQUARED=bool(squared), GRAD=grad, ACC=acc_tl, BLOCK_V=block_v(v),
         )  # fmt: skip
         if grad:
-            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], sums)
+            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m] if want.hidden else None, sums)
     overflow.check()
-    if grad:
+    if sums is not None:
         z = zbuf = None  # freed before the sums are rounded
         gw, gb = sums.result()
     if gather:
         values.index_copy_(0, idx, val_a)
-        if grad:
+        if want.hidden:
             gh.index_copy_(0, idx, gh_a)
     else:
         values = val_a
@@ -185,22 +188,20 @@ def fused_linear_ce_norm_triton(
     squared: bool,
     ignore_index: int,
     reduction: str,
-    compute_grad: bool,
+    grad_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm`` (same schema and results)."""
+    """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm`` (same arguments and results;
+    ``grad_mask`` is ``bool[]`` here, of length 3)."""
     check_finite({"hidden": hidden, "weight": weight, "bias": bias})
     _check_targets(target, forget_mask, weight.shape[0], ignore_index)
-    if compute_grad and reduction == "none":
-        raise ValueError("compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
+    want = GradMask.of(grad_mask, bias is not None)
+    if want.any() and reduction == "none":
+        raise ValueError("grad_mask is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
     acc = accum_dtype(hidden.dtype)
     row_w, per_row = _row_weights(target, forget_mask, norm_weight, ignore_index, reduction, acc)
-    values, gh, gw, gb = _run(
-        hidden, weight, bias, target, forget_mask, squared, row_w if compute_grad else None, ignore_index
-    )
+    values, gh, gw, gb = _run(hidden, weight, bias, target, forget_mask, squared, want, row_w, ignore_index)
     loss = values * per_row if reduction == "none" else (values * row_w).sum()
-    if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    return loss, gh, gw, gb if gb is not None else hidden.new_empty(0)
+    return loss, *grads_or_empty(hidden, gh, gw, gb)
 
 
 @torch.library.custom_op("unlearn_ext::fused_linear_ce_norm_backward_triton", mutates_args=())
@@ -214,16 +215,21 @@ def fused_linear_ce_norm_backward_triton(
     norm_weight: float,
     squared: bool,
     ignore_index: int,
+    output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_ce_norm_backward``."""
     check_finite({"hidden": hidden, "weight": weight, "bias": bias, "the incoming gradient": grad_rows})
     _check_targets(target, forget_mask, weight.shape[0], ignore_index)
+    want = GradMask.of(output_mask, bias is not None)
+    if not want.any():
+        return grads_or_empty(hidden, None, None, None)
     acc = accum_dtype(hidden.dtype)
     scale = torch.ones_like(grad_rows, dtype=acc)
     if forget_mask is not None:
         scale = torch.where(forget_mask, torch.full_like(scale, norm_weight), scale)
-    _, gh, gw, gb = _run(hidden, weight, bias, target, forget_mask, squared, grad_rows.to(acc) * scale, ignore_index)
-    return gh, gw, gb if gb is not None else hidden.new_empty(0)
+    coef = grad_rows.to(acc) * scale
+    _, gh, gw, gb = _run(hidden, weight, bias, target, forget_mask, squared, want, coef, ignore_index)
+    return grads_or_empty(hidden, gh, gw, gb)
 
 
 def register(forward_fake, backward_fake, make_autograd) -> None:

@@ -151,13 +151,44 @@ def _cuda_missing_reason() -> str:
     return "no CUDA kernel registered"
 
 
-def scale_saved_grads(saved, grad_loss: torch.Tensor, needs: Sequence[bool], has_bias: bool):
-    """Backward of a fused loss whose forward already computed its gradients ``saved = (dh, dw, db)``:
-    each scaled by the scalar upstream ``grad_loss``, or ``None`` where ``needs`` (the first three
-    ``ctx.needs_input_grad``) says no. An upstream gradient of exactly 1 (``loss.backward()``)
-    returns the saved tensors as they are: the ``[V, H]`` weight gradient is the largest buffer, and a
-    scaled copy would double it. Only a plain tensor's value is inspected (not a fake or functional
-    tensor under tracing, which always multiplies)."""
+def head_grad_mask(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str) -> list[bool]:
+    """The ``grad_mask`` of a fused LM-head loss (hidden, weight, bias): which of them autograd will
+    want a gradient for, so the forward computes those and no other (a frozen head's ``[V, H]``
+    weight gradient is the largest buffer of the op). All False under ``torch.no_grad()`` and for
+    ``reduction="none"``, whose gradients are computed in the backward op."""
+    if reduction == "none" or not torch.is_grad_enabled():
+        return [False, False, False]
+    return [t is not None and t.requires_grad for t in (hidden, weight, bias)]
+
+
+def head_grad_fakes(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: Sequence[bool]):
+    """Fake ``(grad_hidden, grad_weight, grad_bias)`` of a fused LM-head op: full shapes where ``mask``
+    (hidden, weight, bias) asks for them, distinct empty tensors elsewhere."""
+    return (
+        hidden.new_empty(hidden.shape) if mask[0] else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if mask[1] else hidden.new_empty(0),
+        bias.new_empty(bias.shape) if mask[2] and bias is not None else hidden.new_empty(0),
+    )
+
+
+def output_mask(needs: Sequence[bool], has_bias: bool) -> list[bool]:
+    """The backward ops' ``output_mask`` from ``ctx.needs_input_grad`` (hidden, weight, bias first)."""
+    return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and has_bias]
+
+
+def scale_saved_grads(saved, grad_loss: torch.Tensor, needs: Sequence[bool], has_bias: bool, computed: Sequence[bool]):
+    """Backward of a fused loss whose forward already computed the gradients ``computed`` says
+    (its ``grad_mask``), ``saved = (dh, dw, db)``: each scaled by the scalar upstream ``grad_loss``,
+    or ``None`` where ``needs`` (the first three ``ctx.needs_input_grad``) says no. An upstream
+    gradient of exactly 1 (``loss.backward()``) returns the saved tensors as they are: the ``[V, H]``
+    weight gradient is the largest buffer, and a scaled copy would double it. Only a plain tensor's
+    value is inspected (not a fake or functional tensor under tracing, which always multiplies)."""
+    for name, need, done in zip(("hidden", "weight", "bias"), needs[:3], computed, strict=True):
+        if need and not done and (name != "bias" or has_bias):
+            raise RuntimeError(
+                f"the gradient of {name} is needed but the forward did not compute it ({name} did not require "
+                "grad when the loss was computed): compute the loss again after setting requires_grad"
+            )
     gh, gw, gb = saved
     if type(grad_loss) is torch.Tensor and grad_loss.device.type != "meta":
         # The factor in full precision: a bfloat16 copy of it (0.3 -> 0.30078) would scale every

@@ -6,6 +6,8 @@ and the gradients from ``dLoss/dz`` written over them), mirroring csrc/include/u
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -19,6 +21,37 @@ _CHUNK_BYTES = 32 << 20  # logits per chunk of rows, per model
 MAX_LOW_PRECISION_CHUNKS = 2
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class GradMask(NamedTuple):
+    """Which gradients of a head's loss are computed (the ops' ``bool[3]`` grad_mask / output_mask).
+    A frozen head needs no ``[V, H]`` weight gradient, the largest buffer of the ops."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @classmethod
+    def of(cls, mask: Sequence[bool], has_bias: bool) -> GradMask:
+        """From an op's ``bool[3]`` argument (a bias gradient only with a bias)."""
+        return cls(bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias)
+
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+def zero_grads(want: GradMask, n: int, hidden_dim: int, vocab: int, dtype: torch.dtype, device):
+    """``(grad_hidden, grad_weight, grad_bias)`` of a loss with no active row: zeros where wanted."""
+    return (
+        torch.zeros(n, hidden_dim, dtype=dtype, device=device) if want.hidden else None,
+        torch.zeros(vocab, hidden_dim, dtype=dtype, device=device) if want.weight else None,
+        torch.zeros(vocab, dtype=dtype, device=device) if want.bias else None,
+    )
+
+
+def grads_or_empty(like: torch.Tensor, *grads: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Each gradient, or a distinct empty tensor where it was not computed (op outputs must not alias)."""
+    return tuple(g if g is not None else like.new_empty(0) for g in grads)
 
 
 def rows_per_chunk(vocab: int, env_name: str, elem_size: int = 4) -> int:
@@ -90,16 +123,16 @@ class Float16Overflow:
 
 
 class HeadGradSums:
-    """The ``[V, H]`` weight (and ``[V]`` bias) gradient of a head summed over ``chunks`` chunks of
-    tokens: in place in the head's dtype (float32/float64, or bfloat16/float16 over at most
-    MAX_LOW_PRECISION_CHUNKS chunks), else in float32 and rounded once by ``result()``. A
-    bfloat16/float16 bias gradient is always summed in float32."""
+    """The ``[V, H]`` weight gradient (when ``weight``) and ``[V]`` bias gradient (when ``bias``) of a
+    head summed over ``chunks`` chunks of tokens: in place in the head's dtype (float32/float64, or
+    bfloat16/float16 over at most MAX_LOW_PRECISION_CHUNKS chunks), else in float32 and rounded once
+    by ``result()``. A bfloat16/float16 bias gradient is always summed in float32."""
 
-    def __init__(self, vocab: int, hidden_dim: int, bias: bool, dtype: torch.dtype, device, chunks: int):
+    def __init__(self, vocab: int, hidden_dim: int, weight: bool, bias: bool, dtype: torch.dtype, device, chunks: int):
         low = dtype in _LOW_PRECISION
         self.dtype = dtype
         wdt = torch.float32 if low and chunks > MAX_LOW_PRECISION_CHUNKS else dtype
-        self.gw = torch.empty(vocab, hidden_dim, dtype=wdt, device=device)
+        self.gw = torch.empty(vocab, hidden_dim, dtype=wdt, device=device) if weight else None
         self.gb = torch.empty(vocab, dtype=torch.float32 if low else dtype, device=device) if bias else None
         self._tmp = None
         self._started = False
@@ -108,12 +141,12 @@ class HeadGradSums:
         """Adds a chunk: ``g = dLoss/dz`` ``[m, V]`` and its hidden states ``h`` ``[m, H]``."""
         first = not self._started
         self._started = True
-        if self.gw.dtype == g.dtype:
+        if self.gw is not None and self.gw.dtype == g.dtype:
             if first:
                 torch.mm(g.T, h, out=self.gw)
             else:
                 self.gw.addmm_(g.T, h)
-        else:
+        elif self.gw is not None:
             self._add_in_float32(g, h, first)
         if self.gb is not None:
             if first:
@@ -142,18 +175,21 @@ class HeadGradSums:
                 torch.mm(gs, h, out_dtype=torch.float32, out=t)
                 dst.add_(t)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(grad_weight, grad_bias or None)`` in the head's dtype (zeros when nothing was added)."""
-        if not self._started:
-            self.gw.zero_()
-            if self.gb is not None:
-                self.gb.zero_()
-        gb = self.gb.to(self.dtype) if self.gb is not None else None
-        return self.gw.to(self.dtype), gb
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(grad_weight, grad_bias)`` in the head's dtype (zeros when nothing was added; None where
+        not wanted)."""
+        out = []
+        for t in (self.gw, self.gb):
+            if t is not None and not self._started:
+                t.zero_()
+            out.append(t.to(self.dtype) if t is not None else None)
+        return out[0], out[1]
 
 
-def accumulate_grads(g, h, w, gh, sums: HeadGradSums) -> None:
-    """From a chunk's ``g = dLoss/dz`` ``[m, V]``: ``gh = g @ w`` (the chunk's rows) and the chunk
-    added to ``sums``."""
-    torch.mm(g, w, out=gh)
-    sums.add(g, h)
+def accumulate_grads(g, h, w, gh, sums: HeadGradSums | None) -> None:
+    """From a chunk's ``g = dLoss/dz`` ``[m, V]``: ``gh = g @ w`` (the chunk's rows; skipped when
+    ``gh`` is None) and the chunk added to ``sums`` (when given)."""
+    if gh is not None:
+        torch.mm(g, w, out=gh)
+    if sums is not None:
+        sums.add(g, h)

@@ -24,13 +24,16 @@ import triton.language as tl
 from unlearn_ext.ops._common import accum_dtype
 from unlearn_ext.ops._head_chunks import (
     Float16Overflow,
+    GradMask,
     HeadGradSums,
     accumulate_grads,
     block_v,
     check_finite,
+    grads_or_empty,
     logits_into,
     rows_for_grad,
     rows_per_chunk,
+    zero_grads,
 )
 
 
@@ -131,28 +134,22 @@ def _masked_kl_rows_kernel(
 
 def _run(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-    want_kl: bool, want_ce: bool, grad: bool, kl_coef, ce_coef, temperature: float, ignore_index: int,
+    want_kl: bool, want_ce: bool, want: GradMask, kl_coef, ce_coef, temperature: float, ignore_index: int,
     renormalize: bool,
 ):  # fmt: skip
-    """Per-token KL and CE (``[N]``, accumulation dtype) and, when ``grad``, the gradients for the
-    per-token coefficients ``kl_coef`` / ``ce_coef`` (the C++ kernel's ``run``, chunk by chunk)."""
+    """Per-token KL and CE (``[N]``, accumulation dtype) and the gradients ``want`` asks for (None for
+    the others), for the per-token coefficients ``kl_coef`` / ``ce_coef`` (the C++ kernel's ``run``,
+    chunk by chunk)."""
     n, h_dim = hidden.shape
     v = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
     acc = accum_dtype(dt)
+    grad = want.any()
     kl = torch.zeros(n, dtype=acc, device=dev)
     ce = torch.zeros(n, dtype=acc, device=dev)
-    gh = gw = gb = None
-
-    def zero_grads():
-        return (
-            torch.zeros(n, h_dim, dtype=dt, device=dev),
-            torch.zeros(v, h_dim, dtype=dt, device=dev),
-            torch.zeros(v, dtype=dt, device=dev) if bias is not None else None,
-        )
-
+    gh = gw = gb = gh_a = None
     if n == 0 or not (want_kl or want_ce):
-        return (kl, ce, *zero_grads()) if grad else (kl, ce, None, None, None)
+        return kl, ce, *zero_grads(want, n, h_dim, v, dt, dev)
     kl_row = (token_mask if token_mask is not None else torch.ones(n, dtype=torch.bool, device=dev)) & want_kl
     tgt = torch.full((n,), -1, dtype=torch.long, device=dev)
     if want_ce:
@@ -164,7 +161,7 @@ def _run(
     idx = active.nonzero().flatten()
     n_act = idx.numel()
     if n_act == 0:
-        return (kl, ce, *zero_grads()) if grad else (kl, ce, None, None, None)
+        return kl, ce, *zero_grads(want, n, h_dim, v, dt, dev)
     gather = n_act < n
 
     def take(t):
@@ -179,13 +176,15 @@ def _run(
     cec_a = take(ce_coef).to(acc).contiguous() if grad else ce
     kl_a = torch.zeros(n_act, dtype=acc, device=dev)
     ce_a = torch.zeros(n_act, dtype=acc, device=dev)
-    if grad:
+    if want.hidden:
         gh = torch.zeros(n, h_dim, dtype=dt, device=dev) if gather else torch.empty(n, h_dim, dtype=dt, device=dev)
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
     vm = vocab_mask.to(acc).contiguous() if vocab_mask is not None else kl_a
     env = "UNLEARN_EXT_KL_CHUNK_ROWS"
-    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, grad, env)
-    sums = HeadGradSums(v, h_dim, bias is not None, dt, dev, -(-n_act // rows)) if grad else None
+    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env)
+    sums = None
+    if want.weight or want.bias:
+        sums = HeadGradSums(v, h_dim, want.weight, want.bias, dt, dev, -(-n_act // rows))
     zbuf = torch.empty(rows, v, dtype=dt, device=dev)
     rbuf = torch.empty(rows, v, dtype=dt, device=dev) if any_kl else None
     w = weight.contiguous()
@@ -212,15 +211,15 @@ def _run(
             ACC=acc_tl, BLOCK_V=block,
         )  # fmt: skip
         if grad:
-            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m], sums)
+            accumulate_grads(z, hc, w, gh_a[n0 : n0 + m] if want.hidden else None, sums)
     overflow.check()
-    if grad:
+    if sums is not None:
         z = r = zbuf = rbuf = None  # freed before the sums are rounded
         gw, gb = sums.result()
     if gather:
         kl.index_copy_(0, idx, kl_a)
         ce.index_copy_(0, idx, ce_a)
-        if grad:
+        if want.hidden:
             gh.index_copy_(0, idx, gh_a)
     else:
         kl, ce = kl_a, ce_a
@@ -253,12 +252,15 @@ def fused_linear_masked_kl_triton(
     ignore_index: int,
     renormalize: bool,
     reduction: str,
-    compute_grad: bool,
+    grad_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_masked_kl`` (same schema and results)."""
+    """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_masked_kl`` (same arguments and results;
+    ``grad_mask`` is ``bool[]`` here, of length 3)."""
     _validate(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature)
+    want = GradMask.of(grad_mask, bias is not None)
+    compute_grad = want.any()
     if compute_grad and reduction == "none":
-        raise ValueError("compute_grad is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
+        raise ValueError("grad_mask is for reduction 'mean' or 'sum'; 'none' computes gradients in backward")
     n = hidden.shape[0]
     dev = hidden.device
     acc = accum_dtype(hidden.dtype)
@@ -270,16 +272,14 @@ def fused_linear_masked_kl_triton(
     ce_coef = ce_tok * ce_weight / ce_div if compute_grad else None
     kl, ce, gh, gw, gb = _run(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-        kl_weight != 0, ce_weight != 0 and target is not None, compute_grad, kl_coef, ce_coef, temperature,
+        kl_weight != 0, ce_weight != 0 and target is not None, want, kl_coef, ce_coef, temperature,
         ignore_index, renormalize,
     )  # fmt: skip
     if reduction == "none":
         loss = kl * kl_weight + ce * ce_weight
     else:
         loss = kl.sum() * kl_weight / kl_div + ce.sum() * ce_weight / ce_div
-    if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    return loss, gh, gw, gb if gb is not None else hidden.new_empty(0)
+    return loss, *grads_or_empty(hidden, gh, gw, gb)
 
 
 @torch.library.custom_op("unlearn_ext::fused_linear_masked_kl_backward_triton", mutates_args=())
@@ -298,17 +298,21 @@ def fused_linear_masked_kl_backward_triton(
     temperature: float,
     ignore_index: int,
     renormalize: bool,
+    output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Triton twin of ``torch.ops.unlearn_ext.fused_linear_masked_kl_backward``."""
     _validate(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature)
     check_finite({"the incoming gradient": grad_kl, "the incoming gradient (CE)": grad_ce})
+    want = GradMask.of(output_mask, bias is not None)
+    if not want.any():
+        return grads_or_empty(hidden, None, None, None)
     want_kl = bool((grad_kl != 0).any())
     want_ce = target is not None and bool((grad_ce != 0).any())
     _, _, gh, gw, gb = _run(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-        want_kl, want_ce, True, grad_kl, grad_ce, temperature, ignore_index, renormalize,
+        want_kl, want_ce, want, grad_kl, grad_ce, temperature, ignore_index, renormalize,
     )  # fmt: skip
-    return gh, gw, gb if gb is not None else hidden.new_empty(0)
+    return grads_or_empty(hidden, gh, gw, gb)
 
 
 def register(forward_fake, backward_fake, make_autograd) -> None:

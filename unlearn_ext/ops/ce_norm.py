@@ -26,6 +26,9 @@ from unlearn_ext.ops._common import (
     check_float,
     check_same_device,
     check_tensor,
+    head_grad_fakes,
+    head_grad_mask,
+    output_mask,
     resolve_backend,
     scale_saved_grads,
 )
@@ -78,8 +81,6 @@ def fused_linear_ce_norm(
             hidden, weight, target, bias=bias, forget_mask=forget_mask, norm_weight=norm_weight, squared=squared,
             ignore_index=ignore_index, reduction=reduction,
         )  # fmt: skip
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    compute_grad = needs_grad and reduction != "none"
     op = (
         torch.ops.unlearn_ext.fused_linear_ce_norm_triton
         if be == "triton"
@@ -87,7 +88,7 @@ def fused_linear_ce_norm(
     )
     loss, _, _, _ = op(
         hidden, weight, bias, target, forget_mask, float(norm_weight), bool(squared), int(ignore_index), reduction,
-        compute_grad,
+        head_grad_mask(hidden, weight, bias, reduction),
     )  # fmt: skip
     return loss
 
@@ -153,30 +154,28 @@ def _check_args(hidden, weight, target, bias, forget_mask, norm_weight, squared,
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_fake(
-    hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction, compute_grad
-):
+def _forward_fake(hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction, grad_mask):
     acc = accum_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
-    if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+    return loss, *head_grad_fakes(hidden, weight, bias, grad_mask)
 
 
-def _backward_fake(grad_rows, hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index):
-    gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+def _backward_fake(
+    grad_rows, hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, output_mask
+):
+    return head_grad_fakes(hidden, weight, bias, output_mask)
 
 
 def make_autograd(backward_op):
     """(backward, setup_context) of a forward op whose recompute path calls ``backward_op``."""
 
     def setup_context(ctx, inputs, output) -> None:
-        hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction, compute_grad = inputs
+        hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index, reduction, grad_mask = inputs
         _, gh, gw, gb = output
         ctx.mark_non_differentiable(gh, gw, gb)
         ctx.has_bias = bias is not None
+        ctx.grad_mask = list(grad_mask)
+        compute_grad = any(grad_mask)
         ctx.options = (norm_weight, squared, ignore_index, reduction, compute_grad)
         if compute_grad:  # the forward already computed the gradients of the loss: backward only scales them
             ctx.save_for_backward(gh, gw, gb)
@@ -187,7 +186,7 @@ def make_autograd(backward_op):
         norm_weight, squared, ignore_index, reduction, compute_grad = ctx.options
         needs = ctx.needs_input_grad
         if compute_grad:
-            dh, dw, db = scale_saved_grads(ctx.saved_tensors, grad_loss, needs, ctx.has_bias)
+            dh, dw, db = scale_saved_grads(ctx.saved_tensors, grad_loss, needs, ctx.has_bias, ctx.grad_mask)
         else:
             hidden, weight, bias, target, forget_mask = ctx.saved_tensors
             n = hidden.shape[0]
@@ -199,8 +198,9 @@ def make_autograd(backward_op):
                 div = torch.where(forget, f_rows.sum().clamp_min(1), c_rows.sum().clamp_min(1))
                 grad_rows = grad_rows / div.to(grad_rows.dtype)
             dh, dw, db = backward_op(
-                grad_rows.contiguous(), hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index
-            )
+                grad_rows.contiguous(), hidden, weight, bias, target, forget_mask, norm_weight, squared, ignore_index,
+                output_mask(needs, ctx.has_bias),
+            )  # fmt: skip
             dh = dh if needs[0] else None
             dw = dw if needs[1] else None
             db = db if ctx.has_bias and needs[2] else None

@@ -26,6 +26,9 @@ from unlearn_ext.ops._common import (
     check_float,
     check_same_device,
     check_tensor,
+    head_grad_fakes,
+    head_grad_mask,
+    output_mask,
     resolve_backend,
     scale_saved_grads,
 )
@@ -92,8 +95,6 @@ def fused_linear_masked_kl(
             vocab_mask=vocab_mask, target=target, ce_weight=ce_weight, kl_weight=kl_weight,
             temperature=temperature, ignore_index=ignore_index, renormalize=renormalize, reduction=reduction,
         )  # fmt: skip
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    compute_grad = needs_grad and reduction != "none"
     op = (
         torch.ops.unlearn_ext.fused_linear_masked_kl_triton
         if be == "triton"
@@ -102,7 +103,7 @@ def fused_linear_masked_kl(
     loss, _, _, _ = op(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
         float(kl_weight), float(ce_weight), float(temperature), int(ignore_index), bool(renormalize), reduction,
-        compute_grad,
+        head_grad_mask(hidden, weight, bias, reduction),
     )  # fmt: skip
     return loss
 
@@ -188,22 +189,18 @@ def _check_args(
 
 def _forward_fake(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-    kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad,
+    kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, grad_mask,
 ):  # fmt: skip
     acc = accum_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
-    if not compute_grad:
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+    return loss, *head_grad_fakes(hidden, weight, bias, grad_mask)
 
 
 def _backward_fake(
     grad_kl, grad_ce, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-    temperature, ignore_index, renormalize,
+    temperature, ignore_index, renormalize, output_mask,
 ):  # fmt: skip
-    gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), gb
+    return head_grad_fakes(hidden, weight, bias, output_mask)
 
 
 def make_autograd(backward_op):
@@ -211,10 +208,12 @@ def make_autograd(backward_op):
 
     def setup_context(ctx, inputs, output) -> None:
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-         kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad) = inputs  # fmt: skip
+         kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, grad_mask) = inputs  # fmt: skip
         _, gh, gw, gb = output
         ctx.mark_non_differentiable(gh, gw, gb)
         ctx.has_bias = bias is not None
+        ctx.grad_mask = list(grad_mask)
+        compute_grad = any(grad_mask)
         ctx.options = (kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad)
         if compute_grad:  # the forward already computed the gradients of the loss: backward only scales them
             ctx.save_for_backward(gh, gw, gb)
@@ -227,7 +226,7 @@ def make_autograd(backward_op):
         kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad = ctx.options
         needs = ctx.needs_input_grad
         if compute_grad:
-            dh, dw, db = scale_saved_grads(ctx.saved_tensors, grad_loss, needs, ctx.has_bias)
+            dh, dw, db = scale_saved_grads(ctx.saved_tensors, grad_loss, needs, ctx.has_bias, ctx.grad_mask)
         else:
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target = ctx.saved_tensors
             n = hidden.shape[0]
@@ -241,7 +240,7 @@ def make_autograd(backward_op):
                 gk, gc = gk / tm.sum().clamp_min(1), gc / valid.sum().clamp_min(1)
             dh, dw, db = backward_op(
                 gk, gc, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, token_mask, vocab_mask, target,
-                temperature, ignore_index, renormalize,
+                temperature, ignore_index, renormalize, output_mask(needs, ctx.has_bias),
             )  # fmt: skip
             dh = dh if needs[0] else None
             dw = dw if needs[1] else None

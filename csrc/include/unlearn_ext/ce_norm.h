@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <array>
 #include <tuple>
 
 namespace unlearn_ext {
@@ -26,17 +27,20 @@ struct CENormChunk {
 
 using CENormRowKernel = void (*)(const CENormChunk& chunk);
 
-// The forward op for a device: (loss, grad_hidden, grad_weight, grad_bias); see csrc/registration.cpp.
+// The forward op for a device: (loss, grad_hidden, grad_weight, grad_bias), the gradients grad_mask
+// (hidden, weight, bias) asks for; see csrc/registration.cpp.
 // `half_ok`: the device kernel takes bfloat16/float16 inputs (the CPU kernel takes float32/float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_norm_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask, double norm_weight, bool squared,
-    int64_t ignore_index, c10::string_view reduction, bool compute_grad, CENormRowKernel rows, bool half_ok);
+    int64_t ignore_index, c10::string_view reduction, std::array<bool, 3> grad_mask, CENormRowKernel rows,
+    bool half_ok);
 
-// The backward op for a device: (grad_hidden, grad_weight, grad_bias or empty).
+// The backward op for a device: (grad_hidden, grad_weight, grad_bias), empty where output_mask says no.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_norm_backward(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& target, const c10::optional<at::Tensor>& forget_mask,
-    double norm_weight, bool squared, int64_t ignore_index, CENormRowKernel rows, bool half_ok);
+    double norm_weight, bool squared, int64_t ignore_index, std::array<bool, 3> output_mask, CENormRowKernel rows,
+    bool half_ok);
 
 }  // namespace unlearn_ext

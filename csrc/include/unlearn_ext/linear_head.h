@@ -6,8 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -68,6 +70,19 @@ inline void check_vector(const at::Tensor& t, int64_t n, const char* name, const
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but hidden is on ", device);
 }
 
+// Which gradients of a head's loss are computed: grad_hidden, grad_weight, grad_bias (the ops' `bool[3]`
+// grad_mask / output_mask). A frozen head (LoRA on the layers below, a linear probe's features) needs no
+// [V, H] weight gradient, the largest buffer of the ops.
+struct HeadGradMask {
+  bool hidden = false, weight = false, bias = false;
+  bool any() const { return hidden || weight || bias; }
+};
+
+// The mask for a head with or without a bias (a bias gradient is only computed when there is a bias).
+inline HeadGradMask head_grad_mask(const std::array<bool, 3>& mask, bool has_bias) {
+  return HeadGradMask{mask[0], mask[1], mask[2] && has_bias};
+}
+
 enum class Reduction { kNone, kMean, kSum };
 
 inline Reduction parse_reduction(c10::string_view reduction) {
@@ -116,11 +131,12 @@ class Float16Overflow {
 // and rounded once by weight(). A bfloat16/float16 bias gradient is always summed in float32.
 class HeadGradSums {
  public:
-  // A [V, H] weight gradient (and a [V] bias gradient when `bias`) over `chunks` chunks of tokens.
-  HeadGradSums(int64_t V, int64_t H, bool bias, const at::TensorOptions& opts, int64_t chunks)
-      : dtype_(opts.dtype().toScalarType()), bias_(bias) {
+  // A [V, H] weight gradient when `weight` and a [V] bias gradient when `bias`, over `chunks` chunks of
+  // tokens (nothing is allocated for a gradient that is not wanted).
+  HeadGradSums(int64_t V, int64_t H, bool weight, bool bias, const at::TensorOptions& opts, int64_t chunks)
+      : dtype_(opts.dtype().toScalarType()), weight_(weight), bias_(bias) {
     const bool low = is_low_precision(dtype_);
-    gw_ = at::empty({V, H}, (low && chunks > kMaxLowPrecisionChunks) ? opts.dtype(at::kFloat) : opts);
+    if (weight) gw_ = at::empty({V, H}, (low && chunks > kMaxLowPrecisionChunks) ? opts.dtype(at::kFloat) : opts);
     if (bias) gb_ = at::empty({V}, low ? opts.dtype(at::kFloat) : opts);
   }
 
@@ -128,13 +144,13 @@ class HeadGradSums {
   void add(const at::Tensor& g, const at::Tensor& h) {
     const bool first = !started_;
     started_ = true;
-    if (gw_.scalar_type() == g.scalar_type()) {
+    if (weight_ && gw_.scalar_type() == g.scalar_type()) {
       if (first) {
         at::mm_out(gw_, g.t(), h);
       } else {
         gw_.addmm_(g.t(), h);
       }
-    } else {
+    } else if (weight_) {
       add_in_float32(g, h, first);
     }
     if (bias_) {
@@ -146,8 +162,11 @@ class HeadGradSums {
     }
   }
 
-  // The sums in the head's dtype (zeros when no chunk was added); bias() is undefined without a bias.
-  at::Tensor weight() const { return started_ ? gw_.to(dtype_) : at::zeros(gw_.sizes(), gw_.options().dtype(dtype_)); }
+  // The sums in the head's dtype (zeros when no chunk was added); undefined when not wanted.
+  at::Tensor weight() const {
+    if (!weight_) return at::Tensor();
+    return started_ ? gw_.to(dtype_) : at::zeros(gw_.sizes(), gw_.options().dtype(dtype_));
+  }
   at::Tensor bias() const {
     if (!bias_) return at::Tensor();
     return started_ ? gb_.to(dtype_) : at::zeros(gb_.sizes(), gb_.options().dtype(dtype_));
@@ -185,17 +204,17 @@ class HeadGradSums {
   }
 
   at::ScalarType dtype_;
-  bool bias_;
+  bool weight_, bias_;
   bool started_ = false;
   at::Tensor gw_, gb_, tmp_;
 };
 
-// From a chunk's g = dLoss/dz ([m, V]): gh = g W (the chunk's rows of grad_hidden), and the chunk
-// added to the weight / bias gradient sums.
+// From a chunk's g = dLoss/dz ([m, V]): gh = g W (the chunk's rows of grad_hidden; skipped when `gh` is
+// undefined), and the chunk added to the weight / bias gradient sums (when `sums` holds any).
 inline void accumulate_head_grads(const at::Tensor& g, const at::Tensor& h, const at::Tensor& weight, at::Tensor gh,
-                                  HeadGradSums& sums) {
-  at::mm_out(gh, g, weight);
-  sums.add(g, h);
+                                  std::optional<HeadGradSums>& sums) {
+  if (gh.defined()) at::mm_out(gh, g, weight);
+  if (sums.has_value()) sums->add(g, h);
 }
 
 }  // namespace unlearn_ext

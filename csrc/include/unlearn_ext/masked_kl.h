@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <array>
 #include <tuple>
 
 namespace unlearn_ext {
@@ -31,22 +32,23 @@ struct MaskedKLChunk {
 
 using MaskedKLRowKernel = void (*)(const MaskedKLChunk& chunk);
 
-// The forward op for a device: (loss, grad_hidden, grad_weight, grad_bias); see csrc/registration.cpp.
+// The forward op for a device: (loss, grad_hidden, grad_weight, grad_bias), the gradients grad_mask
+// (hidden, weight, bias) asks for; see csrc/registration.cpp.
 // `half_ok`: the device kernel takes bfloat16/float16 inputs (the CPU kernel takes float32/float64).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_kl_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const c10::optional<at::Tensor>& ref_bias,
     const c10::optional<at::Tensor>& token_mask, const c10::optional<at::Tensor>& vocab_mask,
     const c10::optional<at::Tensor>& target, double kl_weight, double ce_weight, double temperature,
-    int64_t ignore_index, bool renormalize, c10::string_view reduction, bool compute_grad, MaskedKLRowKernel rows,
-    bool half_ok);
+    int64_t ignore_index, bool renormalize, c10::string_view reduction, std::array<bool, 3> grad_mask,
+    MaskedKLRowKernel rows, bool half_ok);
 
-// The backward op for a device: (grad_hidden, grad_weight, grad_bias or empty).
+// The backward op for a device: (grad_hidden, grad_weight, grad_bias), empty where output_mask says no.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_kl_backward(
     const at::Tensor& grad_kl, const at::Tensor& grad_ce, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
     const c10::optional<at::Tensor>& ref_bias, const c10::optional<at::Tensor>& token_mask,
     const c10::optional<at::Tensor>& vocab_mask, const c10::optional<at::Tensor>& target, double temperature,
-    int64_t ignore_index, bool renormalize, MaskedKLRowKernel rows, bool half_ok);
+    int64_t ignore_index, bool renormalize, std::array<bool, 3> output_mask, MaskedKLRowKernel rows, bool half_ok);
 
 }  // namespace unlearn_ext
