@@ -535,6 +535,27 @@ def test_float16_logits_that_overflow_are_an_error_not_a_wrong_loss(backend):
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
+def test_float16_reference_overflow_on_a_row_outside_the_kl_is_an_error_too(monkeypatch, backend):
+    """The row kernels read a CE-only row's reference logits too (weighted by a KL coefficient of 0,
+    and 0 * inf is NaN: measured, its hidden-state gradient came out NaN when only the KL rows were
+    checked), so their overflow is refused as well; the same rows in range give the reference's loss."""
+    monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", "4")  # several chunks, rows of both kinds in one
+    d = _inputs(10, 16, 50, torch.float16, seed=5)
+    d["token_mask"] = torch.tensor([True, False] * 5)
+    d.pop("vocab_mask")
+    loss, grads = _run(_kernel(backend), _on(d, backend), 1.0, ce_weight=0.5)
+    eloss, egrads = _run(reference, _to64(d), 1.0, ce_weight=0.5)
+    assert_close_rel(loss.double().cpu(), eloss, 1e-2, what="loss")
+    for k in grads:
+        assert_close_rel(grads[k].double().cpu(), egrads[k], 2e-2, what=f"d{k}")
+    # |logit 0| about 1e5 > 65504 on the CE-only rows, from finite float16 inputs.
+    d["ref_hidden"][~d["token_mask"]] = (30000 * d["ref_weight"][0].float().sign()).half()
+    assert (d["ref_hidden"].float() @ d["ref_weight"].float().T).abs().max() > 65504
+    with pytest.raises(ValueError, match="float16 logits overflowed"):
+        _run(_kernel(backend), _on(d, backend), 1.0, ce_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("chunk_rows", ["8", "128"], ids=["32-chunks", "2-chunks"])
 def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, backend, dtype, chunk_rows):
