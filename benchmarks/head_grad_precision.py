@@ -35,7 +35,7 @@ def ratios(dtype: torch.dtype, chunks: int, seed: int, n: int = 1024, h: int = 4
     one = _err(dz.T @ hidden, want)
     m = -(-n // chunks)
     acc = dz[:m].T @ hidden[:m]
-    sums = HeadGradSums(v, h, False, dtype, "cpu", chunks)
+    sums = HeadGradSums(v, h, True, False, dtype, "cpu", chunks)
     sums.add(dz[:m], hidden[:m])
     for n0 in range(m, n, m):
         acc.addmm_(dz[n0 : n0 + m].T, hidden[n0 : n0 + m])

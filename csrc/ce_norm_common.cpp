@@ -137,7 +137,7 @@ Result run(const Problem& p, bool squared, const HeadGradMask& want, const at::T
   // chunks cost speed (each re-reads and re-writes all of grad_weight in its K = rows GEMM): see the
   // chunk sweep in benchmarks/results/ce_norm_cpu_chunk*.json and the README.
   const int64_t elem = static_cast<int64_t>(p.hidden.element_size());
-  const int64_t budget = p.hidden.is_cpu() && want.weight ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
+  const int64_t budget = p.hidden.is_cpu() ? std::clamp<int64_t>(p.V * p.H * elem / 4, 1 << 20, kHeadChunkBytes)
                                            : kHeadChunkBytes;
   const char* env = "UNLEARN_EXT_CE_CHUNK_ROWS";
   const int64_t rows = head_rows_for_grad(head_tokens_per_chunk(p.V, elem, env, budget), n_act, p.H,

@@ -304,3 +304,26 @@ def skip_interpreted_bfloat16(backend: str, dtype: torch.dtype) -> None:
     carry twice the rounding error there; float16 rounds correctly and is checked everywhere."""
     if dtype == torch.bfloat16 and backend_device(backend) != "cuda":
         pytest.skip("bfloat16 kernel outputs are checked on a GPU (the Triton interpreter truncates)")
+
+
+class UnlearnExtOpCalls:
+    """A context manager recording every ``unlearn_ext::`` op the dispatcher runs below autograd
+    (forward and backward ops alike) as ``(op name, args)``: ``with UnlearnExtOpCalls() as calls``."""
+
+    def __enter__(self) -> list[tuple[str, tuple]]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls: list[tuple[str, tuple]] = []
+
+        class _Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "unlearn_ext":
+                    calls.append((func._opname, args))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Record()
+        self._mode.__enter__()
+        return calls
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

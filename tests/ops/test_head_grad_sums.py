@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_ext.ops._common import scale_saved_grads
+from unlearn_ext.ops._common import head_grad_mask, output_mask, scale_saved_grads
 from unlearn_ext.ops._head_chunks import MAX_LOW_PRECISION_CHUNKS, HeadGradSums, rows_for_grad, rows_per_chunk
 
 ENV = "UNLEARN_EXT_TEST_CHUNK_ROWS"
@@ -140,3 +140,15 @@ def test_upstream_gradient_scales_in_full_precision(dtype):
         assert torch.equal(got, (t.double() * 0.3).to(dtype))
     unit = scale_saved_grads(saved, torch.tensor(1.0), (True, True, False), True, (True, True, True))
     assert unit[0] is saved[0] and unit[1] is saved[1] and unit[2] is None  # no copy at exactly 1
+
+
+def test_head_grad_mask_follows_requires_grad_and_grad_mode():
+    h = torch.zeros(2, 3, requires_grad=True)
+    w, b = torch.zeros(4, 3), torch.zeros(4, requires_grad=True)
+    assert head_grad_mask(h, w, b, "mean") == [True, False, True]
+    assert head_grad_mask(h, w, None, "sum") == [True, False, False]
+    assert head_grad_mask(h, w, b, "none") == [False, False, False]  # computed in the backward op
+    with torch.no_grad():
+        assert head_grad_mask(h, w, b, "mean") == [False, False, False]
+    assert output_mask((True, True, True, False), has_bias=False) == [True, True, False]
+    assert output_mask([False, True, True], has_bias=True) == [False, True, True]

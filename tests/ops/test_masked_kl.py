@@ -16,7 +16,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import LOW_PRECISION_KERNELS, assert_close_rel, backend_device, skip_interpreted_bfloat16
+from _utils import (
+    LOW_PRECISION_KERNELS,
+    UnlearnExtOpCalls,
+    assert_close_rel,
+    backend_device,
+    skip_interpreted_bfloat16,
+)
 
 from unlearn_ext import _loader
 from unlearn_ext.ops import fused_linear_masked_kl
@@ -172,7 +178,7 @@ def test_many_chunks_and_gathered_rows(monkeypatch, backend, bias, chunk_rows):
 
 
 # Which of hidden/weight/bias require grad: a frozen head (LoRA below it) first.
-GRAD_SUBSETS = [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias")]
+GRAD_SUBSETS = [("hidden",), ("weight",), ("bias",), ("hidden", "bias"), ("weight", "bias"), ("hidden", "weight")]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -182,6 +188,42 @@ def test_frozen_head_or_frozen_features(monkeypatch, backend, leaves, reduction)
     monkeypatch.setenv("UNLEARN_EXT_KL_CHUNK_ROWS", "7")  # several chunks: the sums skip what is frozen
     d = _inputs(37, 13, 71, torch.float64)
     _compare(d, backend, rtol=RTOL[torch.float64], leaves=leaves, ce_weight=0.6, temperature=1.4, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize(
+    "leaves", [*GRAD_SUBSETS, ("hidden", "weight", "bias"), ()], ids=lambda x: "+".join(x) or "none"
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_op_is_asked_only_for_the_gradients_autograd_needs(backend, leaves, reduction):
+    """The public function's grad_mask (mean: computed in the forward) or the backward op's
+    output_mask (none: recomputed) follows requires_grad: a frozen head is asked for no weight
+    gradient; with nothing to differentiate, no backward op runs."""
+    d = _on(_inputs(9, 6, 17, torch.float64), backend)
+    for k in ("hidden", "weight", "bias"):
+        d[k] = d[k].clone().requires_grad_(k in leaves)
+    want = [k in leaves for k in ("hidden", "weight", "bias")]
+    with UnlearnExtOpCalls() as calls:
+        loss = fused_linear_masked_kl(
+            d["hidden"],
+            d["weight"],
+            d["ref_hidden"],
+            d["ref_weight"],
+            bias=d["bias"],
+            ce_weight=0.5,
+            target=d["target"],
+            reduction=reduction,
+            backend=backend,
+        )
+        if leaves:
+            loss.sum().backward()
+    masks = [args[-1] for _, args in calls]
+    if reduction == "none":
+        assert masks == ([[False] * 3, want] if leaves else [[False] * 3]), masks
+    else:
+        assert masks == [want], masks
+    for k in ("hidden", "weight", "bias"):
+        assert (d[k].grad is not None) == (k in leaves), k
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -382,12 +424,24 @@ def test_opcheck(backend, grad_mask, reduction):
     torch.library.opcheck(forward, _op_args(d, grad_mask=grad_mask, reduction=reduction))
     n = d["hidden"].shape[0]
     g = torch.randn(2, n, dtype=torch.float64).to(d["hidden"].device)
-    mask = FROZEN_HEAD if grad_mask == FROZEN_HEAD else ALL_GRADS
+    mask = grad_mask if any(grad_mask) else ALL_GRADS
     torch.library.opcheck(
         backward,
         (g[0], g[1], d["hidden"], d["weight"], d["bias"], d["ref_hidden"], d["ref_weight"], d["ref_bias"],
          d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, True, mask),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("grad_mask", [ALL_GRADS, FROZEN_HEAD], ids=["all", "frozen-head"])
+def test_opcheck_without_bias(backend, grad_mask):
+    d = _on(_inputs(9, 6, 17, torch.float64, bias=False), backend)
+    forward, _ = _ops(backend)
+    h = d["hidden"].clone().requires_grad_(True)
+    w = d["weight"].clone().requires_grad_(grad_mask[1])
+    args = (h, w, None, d["ref_hidden"], d["ref_weight"], None, d["token_mask"], d["vocab_mask"], d["target"],
+            0.8, 0.5, 1.5, -100, False, "mean", grad_mask)  # fmt: skip
+    torch.library.opcheck(forward, args)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

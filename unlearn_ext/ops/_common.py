@@ -172,7 +172,9 @@ def head_grad_fakes(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def output_mask(needs: Sequence[bool], has_bias: bool) -> list[bool]:
-    """The backward ops' ``output_mask`` from ``ctx.needs_input_grad`` (hidden, weight, bias first)."""
+    """The gradients a fused LM-head op computes for ``needs`` (hidden, weight, bias first: a
+    ``grad_mask``, or ``ctx.needs_input_grad`` for the backward ops' ``output_mask``): no bias
+    gradient without a bias."""
     return [bool(needs[0]), bool(needs[1]), bool(needs[2]) and has_bias]
 
 

@@ -212,8 +212,8 @@ def make_autograd(backward_op):
         _, gh, gw, gb = output
         ctx.mark_non_differentiable(gh, gw, gb)
         ctx.has_bias = bias is not None
-        ctx.grad_mask = list(grad_mask)
-        compute_grad = any(grad_mask)
+        ctx.grad_mask = output_mask(grad_mask, bias is not None)  # what the forward computed
+        compute_grad = any(ctx.grad_mask)
         ctx.options = (kl_weight, ce_weight, temperature, ignore_index, renormalize, reduction, compute_grad)
         if compute_grad:  # the forward already computed the gradients of the loss: backward only scales them
             ctx.save_for_backward(gh, gw, gb)
