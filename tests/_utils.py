@@ -327,3 +327,38 @@ class UnlearnExtOpCalls:
 
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
+
+
+HEAD_INPUTS = ("hidden", "weight", "bias")
+
+
+def assert_grad_requests(loss_fn, d: dict, leaves: Sequence[str], reduction: str) -> None:
+    """For a fused LM-head loss ``loss_fn(d)``: with only ``leaves`` of ``d``'s hidden/weight/bias
+    requiring grad, the forward op's ``grad_mask`` (mean/sum: computed in the forward) or the
+    backward op's ``output_mask`` (none: recomputed) asks for exactly those gradients, and autograd
+    fills exactly those ``.grad``s; with nothing to differentiate no backward op runs."""
+    for k in HEAD_INPUTS:
+        d[k] = d[k].detach().clone().requires_grad_(k in leaves)
+    want = [k in leaves for k in HEAD_INPUTS]
+    with UnlearnExtOpCalls() as calls:
+        loss = loss_fn(d)
+        if leaves:
+            loss.sum().backward()
+    masks = [args[-1] for _, args in calls]
+    if reduction == "none":
+        assert masks == ([[False] * 3, want] if leaves else [[False] * 3]), masks
+    else:
+        assert masks == [want], masks
+    for k in HEAD_INPUTS:
+        assert (d[k].grad is not None) == (k in leaves), k
+
+
+def assert_only_masked_grads(mask: Sequence[bool], got: Sequence, full: Sequence) -> None:
+    """Gradient outputs ``got`` of an op called with ``mask`` (hidden, weight, bias) against the same
+    op's ``full`` outputs with every gradient asked for: equal where asked, empty placeholders (not
+    computed at all) elsewhere."""
+    for wanted, a, b in zip(mask, got, full, strict=True):
+        if wanted:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        else:
+            assert a.numel() == 0, a.shape

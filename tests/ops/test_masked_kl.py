@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from _utils import (
     LOW_PRECISION_KERNELS,
-    UnlearnExtOpCalls,
     assert_close_rel,
+    assert_grad_requests,
+    assert_only_masked_grads,
     backend_device,
     skip_interpreted_bfloat16,
 )
@@ -200,30 +201,9 @@ def test_the_op_is_asked_only_for_the_gradients_autograd_needs(backend, leaves, 
     output_mask (none: recomputed) follows requires_grad: a frozen head is asked for no weight
     gradient; with nothing to differentiate, no backward op runs."""
     d = _on(_inputs(9, 6, 17, torch.float64), backend)
-    for k in ("hidden", "weight", "bias"):
-        d[k] = d[k].clone().requires_grad_(k in leaves)
-    want = [k in leaves for k in ("hidden", "weight", "bias")]
-    with UnlearnExtOpCalls() as calls:
-        loss = fused_linear_masked_kl(
-            d["hidden"],
-            d["weight"],
-            d["ref_hidden"],
-            d["ref_weight"],
-            bias=d["bias"],
-            ce_weight=0.5,
-            target=d["target"],
-            reduction=reduction,
-            backend=backend,
-        )
-        if leaves:
-            loss.sum().backward()
-    masks = [args[-1] for _, args in calls]
-    if reduction == "none":
-        assert masks == ([[False] * 3, want] if leaves else [[False] * 3]), masks
-    else:
-        assert masks == [want], masks
-    for k in ("hidden", "weight", "bias"):
-        assert (d[k].grad is not None) == (k in leaves), k
+    assert_grad_requests(
+        lambda x: fused_linear_masked_kl(**x, ce_weight=0.5, reduction=reduction, backend=backend), d, leaves, reduction
+    )
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -241,12 +221,8 @@ def test_grad_mask_computes_only_the_gradients_it_asks_for(monkeypatch, backend,
              d["token_mask"], d["vocab_mask"], d["target"], 1.5, -100, False)  # fmt: skip
     bfull = backward(*bargs, [True, True, True])
     bgot = backward(*bargs, list(mask))
-    for wanted, a, b, ba, bb in zip(mask, got[1:], full[1:], bgot, bfull, strict=True):
-        if wanted:
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-            torch.testing.assert_close(ba, bb, rtol=1e-12, atol=0)
-        else:  # not computed at all: an empty placeholder
-            assert a.numel() == 0 and ba.numel() == 0
+    assert_only_masked_grads(mask, got[1:], full[1:])
+    assert_only_masked_grads(mask, bgot, bfull)
     # Without a bias, a requested bias gradient is an empty placeholder too.
     nb = backward(*bargs[:4], None, *bargs[5:], [False, False, True])
     assert all(t.numel() == 0 for t in nb)
