@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import UnlearnExtOpCalls
 
 from unlearn_ext import _loader
 from unlearn_ext.siu import build_siu_data, concept_vocab_mask, encode_sample
@@ -134,6 +135,25 @@ def test_lora_trains_adapters_and_returns_a_merged_model_of_the_same_architectur
     with pytest.raises(ValueError, match="names a Linear"):
         finetune_llm(model, enc, images=images, vocab_mask=vocab_mask, pad_id=pad,
                      config=FinetuneConfig(steps=1, lora_rank=2, lora_targets=("nope",)))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "head_trains"),
+    [(dict(lora_rank=2, lora_targets=("q_proj",)), False), (dict(train="multi_modal_projector"), False),
+     (dict(), True)],
+    ids=["lora", "projector-only", "full"],
+)  # fmt: skip
+def test_a_frozen_lm_head_gets_no_weight_gradient_from_the_fused_loss(setup, config, head_trains):
+    """SIU with LoRA (or with only the projector trained) leaves the LM head frozen: the fused
+    masked-KL op is asked for the hidden states' gradient only, never for the [V, H] weight's."""
+    if "lora_rank" in config:
+        pytest.importorskip("peft")
+    model, enc, images, vocab_mask, pad, _ = setup
+    with UnlearnExtOpCalls() as calls:
+        finetune_llm(model, enc, images=images, vocab_mask=vocab_mask, pad_id=pad,
+                     config=FinetuneConfig(steps=1, **config))  # fmt: skip
+    masks = [args[-1] for name, args in calls if name.startswith("fused_linear_masked_kl")]
+    assert masks and all(m == [True, head_trains, False] for m in masks), masks
 
 
 def test_lora_run_is_fixed_by_its_seed_not_by_the_global_rng(setup):
