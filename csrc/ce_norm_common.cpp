@@ -141,7 +141,7 @@ Result run(const Problem& p, bool squared, const HeadGradMask& want, const at::T
                                            : kHeadChunkBytes;
   const char* env = "UNLEARN_EXT_CE_CHUNK_ROWS";
   const int64_t rows = head_rows_for_grad(head_tokens_per_chunk(p.V, elem, env, budget), n_act, p.H,
-                                          p.hidden.scalar_type(), want.weight, env);
+                                          p.hidden.scalar_type(), want.weight, env, p.hidden.is_cuda());
   // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
   std::optional<HeadGradSums> sums;
   if (want.weight || want.bias) sums.emplace(p.V, p.H, want.weight, want.bias, opts, (n_act + rows - 1) / rows);

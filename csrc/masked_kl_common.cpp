@@ -198,7 +198,7 @@ Result run(const Problem& p, bool want_kl, bool want_ce, const HeadGradMask& wan
   at::Tensor gh_a = want.hidden ? (gather ? at::empty({n_act, p.H}, opts) : res.gh) : at::Tensor();
 
   const int64_t rows = head_rows_for_grad(tokens_per_chunk(p.V, p.hidden.element_size()), n_act, p.H,
-                                          p.hidden.scalar_type(), want.weight, kChunkRowsEnv);
+                                          p.hidden.scalar_type(), want.weight, kChunkRowsEnv, p.hidden.is_cuda());
   // The first chunk's GEMMs initialise grad_weight / grad_bias (no zero fill).
   std::optional<HeadGradSums> sums;
   if (want.weight || want.bias) sums.emplace(p.V, p.H, want.weight, want.bias, opts, (n_act + rows - 1) / rows);

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from unlearn_ext.ops._common import head_grad_mask, output_mask, scale_saved_grads
-from unlearn_ext.ops._head_chunks import MAX_LOW_PRECISION_CHUNKS, HeadGradSums, rows_for_grad, rows_per_chunk
+from unlearn_ext.ops._head_chunks import (
+    MAX_LOW_PRECISION_CHUNKS,
+    MIN_GPU_CHUNK_ROWS,
+    HeadGradSums,
+    rows_for_grad,
+    rows_per_chunk,
+)
 
 ENV = "UNLEARN_EXT_TEST_CHUNK_ROWS"
 
@@ -152,3 +158,17 @@ def test_head_grad_mask_follows_requires_grad_and_grad_mode():
         assert head_grad_mask(h, w, b, "mean") == [False, False, False]
     assert output_mask((True, True, True, False), has_bias=False) == [True, True, False]
     assert output_mask([False, True, True], has_bias=True) == [False, True, True]
+
+
+def test_rows_on_a_gpu_are_at_least_min_gpu_chunk_rows(monkeypatch):
+    """On a GPU a chunk is at least MIN_GPU_CHUNK_ROWS tokens (GEMMs of 130 rows would be bound by
+    reading the weight); the quarter-weight rule of a low-precision weight gradient can be larger."""
+    monkeypatch.delenv(ENV, raising=False)
+    rows = rows_per_chunk(128256, ENV, elem_size=2)
+    assert rows == 130
+    assert rows_for_grad(rows, 8192, 4096, torch.bfloat16, False, ENV, gpu=True) == MIN_GPU_CHUNK_ROWS
+    assert rows_for_grad(rows, 8192, 4096, torch.bfloat16, True, ENV, gpu=True) == 4096 // 4
+    assert rows_for_grad(rows, 300, 4096, torch.float32, False, ENV, gpu=True) == 300  # never more than n
+    assert rows_for_grad(rows, 8192, 4096, torch.float32, False, ENV) == rows  # the CPU keeps its budget
+    monkeypatch.setenv(ENV, "7")
+    assert rows_for_grad(7, 8192, 4096, torch.bfloat16, False, ENV, gpu=True) == 7

@@ -22,6 +22,7 @@ from _utils import (
     assert_grad_requests,
     assert_only_masked_grads,
     backend_device,
+    max_abs_err,
     skip_interpreted_bfloat16,
 )
 
@@ -583,6 +584,36 @@ def test_float16_reference_overflow_on_a_row_outside_the_kl_is_an_error_too(monk
     assert (d["ref_hidden"].float() @ d["ref_weight"].float().T).abs().max() > 65504
     with pytest.raises(ValueError, match="float16 logits overflowed"):
         _run(_kernel(backend), _on(d, backend), 1.0, ce_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known gap (README, Performance): float16 dLoss/dz is computed in the forward before the upstream "
+    "gradient is known, so a loss scaler cannot keep it from underflowing",
+)
+def test_float16_gradients_with_tiny_coefficients_survive_loss_scaling(backend):
+    """A per-token coefficient of 1.6e-6 (CE weight 1e-4 over 64 tokens; a mean over 8192 tokens at V =
+    128K gives dLoss/dz entries as small) makes dLoss/dz about 1e-8, below float16's smallest subnormal.
+    Plain PyTorch under a loss scaler (x65536) keeps the gradient (3e-4 error); the fused op computes
+    dLoss/dz in its forward, before the scaler's factor arrives, and it underflows (measured under the
+    Triton interpreter: 13% error). This test passes once the op keeps float16 gradients scaled."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 64, 32, 300
+    hidden = torch.randn(n, h, generator=g).half()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).half()
+    target = torch.randint(0, v, (n,), generator=g)
+    kw = dict(target=target, ce_weight=1e-4, kl_weight=0.0)
+    b = hidden.double().requires_grad_(True)
+    reference(b, weight.double(), b.detach(), weight.double(), **kw).backward()
+    dev = backend_device(backend)
+    a = hidden.to(dev).clone().requires_grad_(True)
+    (fused_linear_masked_kl(a, weight.to(dev), a.detach(), weight.to(dev), **kw, backend=backend) * 65536).backward()
+    c = hidden.to(dev).clone().requires_grad_(True)
+    (F.cross_entropy((c @ weight.to(dev).T).float(), target.to(dev)) * 1e-4 * 65536).backward()
+    plain = max_abs_err(c.grad.double().cpu() / 65536, b.grad)
+    assert max_abs_err(a.grad.double().cpu() / 65536, b.grad) <= 2 * plain + 1e-6 * float(b.grad.abs().max())
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)

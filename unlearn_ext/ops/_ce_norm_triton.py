@@ -133,7 +133,9 @@ def _run(hidden, weight, bias, target, forget_mask, squared: bool, want: GradMas
         gh = torch.zeros(n, h_dim, dtype=dt, device=dev) if gather else torch.empty(n, h_dim, dtype=dt, device=dev)
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
     env = "UNLEARN_EXT_CE_CHUNK_ROWS"
-    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env)
+    rows = rows_for_grad(
+        rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env, gpu=dev.type == "cuda"
+    )
     sums = None
     if want.weight or want.bias:
         sums = HeadGradSums(v, h_dim, want.weight, want.bias, dt, dev, -(-n_act // rows))

@@ -61,12 +61,24 @@ def rows_per_chunk(vocab: int, env_name: str, elem_size: int = 4) -> int:
     return forced or max(1, _CHUNK_BYTES // (vocab * elem_size))
 
 
-def rows_for_grad(rows: int, n: int, hidden_dim: int, dtype: torch.dtype, weight_grad: bool, env_name: str) -> int:
+# On a GPU a chunk has at least this many rows: each head GEMM reads the whole weight and does about
+# rows flops per byte (bfloat16), memory-bound below a few hundred rows (linear_head.h says more;
+# reasoned, not measured).
+MIN_GPU_CHUNK_ROWS = 512
+
+
+def rows_for_grad(
+    rows: int, n: int, hidden_dim: int, dtype: torch.dtype, weight_grad: bool, env_name: str, *, gpu: bool = False
+) -> int:
     """``rows`` raised to a quarter of the ``[V, hidden_dim]`` weight's size in logits when a
     bfloat16/float16 weight gradient is computed (fewer passes over the float32 sums; up to
-    ``hidden_dim / 2`` tokens need none); a row count set in ``env_name`` is kept. At most ``n``."""
-    if weight_grad and dtype in _LOW_PRECISION and not _rows_from_env(env_name):
-        rows = max(rows, hidden_dim // 4)
+    ``hidden_dim / 2`` tokens need none), and to MIN_GPU_CHUNK_ROWS on a GPU; a row count set in
+    ``env_name`` is kept. At most ``n``."""
+    if not _rows_from_env(env_name):
+        if weight_grad and dtype in _LOW_PRECISION:
+            rows = max(rows, hidden_dim // 4)
+        if gpu:
+            rows = max(rows, MIN_GPU_CHUNK_ROWS)
     return max(1, min(rows, n))
 
 

@@ -181,7 +181,9 @@ def _run(
         gh_a = torch.empty(n_act, h_dim, dtype=dt, device=dev) if gather else gh
     vm = vocab_mask.to(acc).contiguous() if vocab_mask is not None else kl_a
     env = "UNLEARN_EXT_KL_CHUNK_ROWS"
-    rows = rows_for_grad(rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env)
+    rows = rows_for_grad(
+        rows_per_chunk(v, env, hidden.element_size()), n_act, h_dim, dt, want.weight, env, gpu=dev.type == "cuda"
+    )
     sums = None
     if want.weight or want.bias:
         sums = HeadGradSums(v, h_dim, want.weight, want.bias, dt, dev, -(-n_act // rows))

@@ -50,15 +50,23 @@ constexpr int64_t kMaxLowPrecisionChunks = 2;
 
 inline bool is_low_precision(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// On a GPU a chunk has at least this many tokens: each head GEMM of a chunk reads the whole [V, H]
+// weight, and with M rows it does about M flops per byte read (bfloat16), so below a few hundred rows
+// it is bound by memory, not by the tensor cores (an H100 needs about 300). 32 MiB of bfloat16 logits
+// at V = 128256 would be 130 rows. The cost is memory: two 512-row buffers of logits are 263 MB at
+// that V. (Reasoned from the GEMM shapes, not measured: no GPU has run this yet.)
+constexpr int64_t kMinGpuChunkRows = 512;
+
 // Tokens per chunk for `n` tokens of a [V, H] head, from `rows` (head_tokens_per_chunk). When a
 // bfloat16/float16 weight gradient is computed, a chunk may hold up to a quarter of the weight's size
 // in logits (the weight gradient, not the chunk, is then the working set): fewer chunks mean fewer
-// passes over the float32 sums, and up to 2H/4 tokens need no float32 sums at all. A row count set
-// in `env_name` is kept.
+// passes over the float32 sums, and up to 2H/4 tokens need no float32 sums at all. On a GPU (`gpu`)
+// a chunk has at least kMinGpuChunkRows tokens. A row count set in `env_name` is kept.
 inline int64_t head_rows_for_grad(int64_t rows, int64_t n, int64_t H, at::ScalarType dtype, bool weight_grad,
-                                  const char* env_name) {
-  if (weight_grad && is_low_precision(dtype) && head_rows_from_env(env_name) == 0) {
-    rows = std::max<int64_t>(rows, H / 4);
+                                  const char* env_name, bool gpu = false) {
+  if (head_rows_from_env(env_name) == 0) {
+    if (weight_grad && is_low_precision(dtype)) rows = std::max<int64_t>(rows, H / 4);
+    if (gpu) rows = std::max<int64_t>(rows, kMinGpuChunkRows);
   }
   return std::max<int64_t>(1, std::min(rows, n));
 }
