@@ -214,6 +214,24 @@ def test_linear_auto_algorithm_long_sequences(T):
         assert_close_rel(res, expected, TOL[torch.float32], what=algorithm)
 
 
+@pytest.mark.parametrize(("backend", "algorithm"), backend_algorithms("triton"))
+def test_triton_launches_groups_in_slices_of_the_grid_limit(monkeypatch, backend, algorithm):
+    """Groups are the Triton grid's third axis, which CUDA caps at 65535: the launchers walk them in
+    slices of MAX_GROUPS_PER_LAUNCH (2 here, so 5 groups take 3 launches; one group is empty)."""
+    from unlearn_ext.ops import _sq_grad_triton
+
+    monkeypatch.setattr(_sq_grad_triton, "MAX_GROUPS_PER_LAUNCH", 2)
+    device = _skip_if_missing(backend)
+    B = 11
+    x = make_tensor((B, 3, 19), torch.float64, device=device)
+    g = make_tensor((B, 3, 23), torch.float64, device=device)
+    group = make_groups(B, 5, empty=3, device=device)
+    w = make_weights(B, torch.float64, device=device)
+    kw = dict(group=group, num_groups=5, sample_weight=w, with_bias=True)
+    res = sq_grad_linear(x, g, backend=backend, algorithm=algorithm, **kw)
+    assert_results_close(res, _ref_linear(x, g, **kw), TOL[torch.float64], what=algorithm)
+
+
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 

@@ -31,6 +31,16 @@ from unlearn_ext.ops._common import accum_dtype, check_accumulator, check_group_
 # Bytes of im2col columns the conv launcher materialises at once.
 _CONV_CHUNK_BYTES = 16 << 20
 
+# Groups per launch: they are the grid's third axis, which CUDA caps at 65535 (the C++ launcher
+# slices the same way, csrc/cuda/sq_grad.cu).
+MAX_GROUPS_PER_LAUNCH = 65535
+
+
+def _group_slices(num_groups: int):
+    """``(k0, k)`` slices of at most MAX_GROUPS_PER_LAUNCH groups covering ``range(num_groups)``."""
+    step = MAX_GROUPS_PER_LAUNCH
+    return [(k0, min(step, num_groups - k0)) for k0 in range(0, num_groups, step)]
+
 
 @triton.jit
 def _add_tile(out_ptr, sfo, offs_o, offs_i, mask_o, mask_i, tile):
@@ -194,15 +204,16 @@ def _launch_segmented(x3, g3, order, weight, seg, out3):
     K = out3.shape[0]
     bo, bi = _blocks(d_out, d_in)
     bt = 16
-    grid = (triton.cdiv(d_out, bo), triton.cdiv(d_in, bi), K)
-    _sq_grad_segmented_kernel[grid](
-        x3, g3, out3, order, weight, seg,
-        T, d_in, d_out,
-        x3.stride(0), x3.stride(1), x3.stride(2), g3.stride(0), g3.stride(1), g3.stride(2),
-        out3.stride(0), out3.stride(1),
-        BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
-        UPCAST=_upcast(x3.dtype), ACC=_tl_acc(out3.dtype), PRECISION=_precision(x3.dtype),
-    )  # fmt: skip
+    for k0, k in _group_slices(K):  # the kernel reads seg[k], seg[k + 1] and writes out[k] of its slice
+        grid = (triton.cdiv(d_out, bo), triton.cdiv(d_in, bi), k)
+        _sq_grad_segmented_kernel[grid](
+            x3, g3, out3[k0:], order, weight, seg[k0:],
+            T, d_in, d_out,
+            x3.stride(0), x3.stride(1), x3.stride(2), g3.stride(0), g3.stride(1), g3.stride(2),
+            out3.stride(0), out3.stride(1),
+            BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt,
+            UPCAST=_upcast(x3.dtype), ACC=_tl_acc(out3.dtype), PRECISION=_precision(x3.dtype),
+        )  # fmt: skip
 
 
 def _launch_pairs(x3, g3, order, weight, seg, out3):
@@ -221,13 +232,14 @@ def _launch_pairs(x3, g3, order, weight, seg, out3):
     coef = (weight.unsqueeze(1) * coef_ts).reshape(-1).contiguous()
     pair_seg = seg * tt.numel()
     bo, bi = _blocks(d_out, d_in)
-    grid = (triton.cdiv(d_out, bo), triton.cdiv(d_in, bi), K)
-    _sq_grad_pairs_kernel[grid](
-        x3, g3, out3, xa, xb, ga, gb, coef, pair_seg,
-        d_in, d_out, x3.stride(2), g3.stride(2), out3.stride(0), out3.stride(1),
-        BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=32,
-        UPCAST=_upcast(x3.dtype), ACC=_tl_acc(out3.dtype), PRECISION=_precision(x3.dtype),
-    )  # fmt: skip
+    for k0, k in _group_slices(K):
+        grid = (triton.cdiv(d_out, bo), triton.cdiv(d_in, bi), k)
+        _sq_grad_pairs_kernel[grid](
+            x3, g3, out3[k0:], xa, xb, ga, gb, coef, pair_seg[k0:],
+            d_in, d_out, x3.stride(2), g3.stride(2), out3.stride(0), out3.stride(1),
+            BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=32,
+            UPCAST=_upcast(x3.dtype), ACC=_tl_acc(out3.dtype), PRECISION=_precision(x3.dtype),
+        )  # fmt: skip
 
 
 def _resolve(algorithm: str, T: int) -> str:
