@@ -154,6 +154,9 @@ def test_head_grad_mask_follows_requires_grad_and_grad_mode():
     assert head_grad_mask(h, w, b, "mean") == [True, False, True]
     assert head_grad_mask(h, w, None, "sum") == [True, False, False]
     assert head_grad_mask(h, w, b, "none") == [False, False, False]  # computed in the backward op
+    half = h.detach().half().requires_grad_(True)
+    assert head_grad_mask(half, w.half(), None, "mean") == [False, False, False]  # float16: in the backward too
+    assert head_grad_mask(h.detach().bfloat16().requires_grad_(True), w, None, "mean") == [True, False, False]
     with torch.no_grad():
         assert head_grad_mask(h, w, b, "mean") == [False, False, False]
     assert output_mask((True, True, True, False), has_bias=False) == [True, True, False]

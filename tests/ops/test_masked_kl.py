@@ -587,18 +587,12 @@ def test_float16_reference_overflow_on_a_row_outside_the_kl_is_an_error_too(monk
 
 
 @pytest.mark.parametrize("backend", LOW_PRECISION_KERNELS)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap (README, Performance): float16 dLoss/dz is computed in the forward before the upstream "
-    "gradient is known, so a loss scaler cannot keep it from underflowing",
-)
 def test_float16_gradients_with_tiny_coefficients_survive_loss_scaling(backend):
     """A per-token coefficient of 1.6e-6 (CE weight 1e-4 over 64 tokens; a mean over 8192 tokens at V =
     128K gives dLoss/dz entries as small) makes dLoss/dz about 1e-8, below float16's smallest subnormal.
-    Plain PyTorch under a loss scaler (x65536) keeps the gradient (3e-4 error); the fused op computes
-    dLoss/dz in its forward, before the scaler's factor arrives, and it underflows (measured under the
-    Triton interpreter: 13% error). This test passes once the op keeps float16 gradients scaled."""
+    Plain PyTorch under a loss scaler (x65536) keeps the gradient (3e-4 error). Computed in the forward,
+    before the scaler's factor arrives, it underflowed (measured under the Triton interpreter: 13%
+    error), so float16 computes its gradients in the backward op, with the factor."""
     g = torch.Generator().manual_seed(0)
     n, h, v = 64, 32, 300
     hidden = torch.randn(n, h, generator=g).half()

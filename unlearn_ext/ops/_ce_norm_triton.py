@@ -8,9 +8,10 @@ The launcher walks the rows in chunks, as the C++ kernel does: a chunk's logits 
   2. when gradients are wanted, a second sweep that writes ``coef * dvalue/dz`` over the logits.
 
 The chunk's gradient then feeds two more GEMMs (``dL/dh``, ``dL/dW``), so the forward returns the
-gradients too and the autograd backward only scales them; ``reduction="none"`` recomputes in the
-backward op instead (nothing ``[V, H]``-sized is saved). Under ``TRITON_INTERPRET=1`` every tile is
-upcast to float32 (the interpreter's bf16 arithmetic is broken).
+gradients too and the autograd backward only scales them; ``reduction="none"`` and float16 (whose
+``dLoss/dz`` needs the upstream gradient to stay clear of underflow) recompute in the backward op
+instead (nothing ``[V, H]``-sized is saved). Under ``TRITON_INTERPRET=1`` every tile is upcast to
+float32 (the interpreter's bf16 arithmetic is broken).
 """
 
 from __future__ import annotations

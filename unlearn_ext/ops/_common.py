@@ -154,9 +154,13 @@ def _cuda_missing_reason() -> str:
 def head_grad_mask(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str) -> list[bool]:
     """The ``grad_mask`` of a fused LM-head loss (hidden, weight, bias): which of them autograd will
     want a gradient for, so the forward computes those and no other (a frozen head's ``[V, H]``
-    weight gradient is the largest buffer of the op). All False under ``torch.no_grad()`` and for
-    ``reduction="none"``, whose gradients are computed in the backward op."""
-    if reduction == "none" or not torch.is_grad_enabled():
+    weight gradient is the largest buffer of the op). All False under ``torch.no_grad()``, for
+    ``reduction="none"`` and for float16: their gradients are computed in the backward op. float16
+    because a forward cannot know the upstream gradient: ``dLoss/dz`` stored in float16 before a
+    loss scaler's factor arrives underflows (a mean over 8192 tokens at V = 128256 makes its entries
+    about 1e-9), where the backward op computes it with the factor in its coefficients, as plain
+    PyTorch does (at 1.5x the GEMM work: the logits are computed again)."""
+    if reduction == "none" or not torch.is_grad_enabled() or hidden.dtype == torch.float16:
         return [False, False, False]
     return [t is not None and t.requires_grad for t in (hidden, weight, bias)]
 

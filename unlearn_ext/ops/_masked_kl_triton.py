@@ -10,9 +10,10 @@ from one GEMM each (cuBLAS on GPUs), then ``_masked_kl_rows_kernel`` runs one pr
   2. when gradients are wanted, a second sweep that writes ``dLoss/dz`` over the logits in place.
 
 The chunk's gradient then feeds two more GEMMs (``dL/dh``, ``dL/dW``), so the forward returns the
-gradients too and the autograd backward only scales them; ``reduction="none"`` recomputes in the
-backward op instead (the memory mode: nothing ``[V, H]``-sized is saved). Under
-``TRITON_INTERPRET=1`` every tile is upcast to float32 (the interpreter's bf16 arithmetic is broken).
+gradients too and the autograd backward only scales them; ``reduction="none"`` and float16 (whose
+``dLoss/dz`` needs the upstream gradient to stay clear of underflow) recompute in the backward op
+instead (the memory mode: nothing ``[V, H]``-sized is saved). Under ``TRITON_INTERPRET=1`` every tile
+is upcast to float32 (the interpreter's bf16 arithmetic is broken).
 """
 
 from __future__ import annotations
