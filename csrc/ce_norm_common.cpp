@@ -179,13 +179,6 @@ Result run(const Problem& p, bool squared, const HeadGradMask& want, const at::T
   return res;
 }
 
-// Each gradient of `want` (undefined: not computed), or an empty tensor; distinct empty tensors, as
-// outputs must not alias each other.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_or_empty(const Result& res, const at::TensorOptions& opts) {
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
-  return {or_empty(res.gh), or_empty(res.gw), or_empty(res.gb)};
-}
-
 }  // namespace
 
 // Returns (loss, grad_hidden, grad_weight, grad_bias). loss is a scalar for mean/sum and [N] for none
@@ -220,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_norm_forward(
   Result res = run(p, squared, want, compute_grad ? row_w : at::Tensor(), rows);
   at::Tensor per_row = res.values * (c_rows + f_rows * norm_weight);
   at::Tensor loss = red == Reduction::kNone ? per_row : (res.values * row_w).sum();
-  const auto [gh, gw, gb] = grads_or_empty(res, opts);
+  const auto [gh, gw, gb] = grads_or_empty(res.gh, res.gw, res.gb, opts);
   return {loss, gh, gw, gb};
 }
 
@@ -241,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_norm_backward(
   const at::Tensor scale = at::where(p.forget, at::full({}, norm_weight, g.options()), at::ones({}, g.options()));
   const HeadGradMask want = head_grad_mask(output_mask, p.bias.defined());
   const Result res = want.any() ? run(p, squared, want, g * scale, rows) : Result{};
-  return grads_or_empty(res, p.hidden.options());
+  return grads_or_empty(res.gh, res.gw, res.gb, p.hidden.options());
 }
 
 }  // namespace unlearn_ext

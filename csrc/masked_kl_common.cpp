@@ -259,13 +259,6 @@ Result run(const Problem& p, bool want_kl, bool want_ce, const HeadGradMask& wan
 // The ops
 // ---------------------------------------------------------------------------------------------
 
-// Each gradient of `want` (undefined: not computed), or an empty tensor; distinct empty tensors, as
-// outputs must not alias each other.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_or_empty(const Result& res, const at::TensorOptions& opts) {
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
-  return {or_empty(res.gh), or_empty(res.gw), or_empty(res.gb)};
-}
-
 }  // namespace
 
 // Returns (loss, grad_hidden, grad_weight, grad_bias). loss is a scalar for mean/sum and [N] for none
@@ -315,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_kl_forward(
   } else {
     loss = res.kl.sum() * (kl_weight / kl_div) + res.ce.sum() * (ce_weight / ce_div);
   }
-  const auto [gh, gw, gb] = grads_or_empty(res, opts);
+  const auto [gh, gw, gb] = grads_or_empty(res.gh, res.gw, res.gb, opts);
   return {loss, gh, gw, gb};
 }
 
@@ -342,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_kl_backward(
   TORCH_CHECK_VALUE(all_finite(klc) && all_finite(cec), "the incoming gradient contains NaN or inf");
   const HeadGradMask want = head_grad_mask(output_mask, p.bias.defined());
   const Result res = want.any() ? run(p, want_kl, want_ce, want, klc, cec, rows) : Result{};
-  return grads_or_empty(res, opts);
+  return grads_or_empty(res.gh, res.gw, res.gb, opts);
 }
 
 }  // namespace unlearn_ext

@@ -91,6 +91,15 @@ inline HeadGradMask head_grad_mask(const std::array<bool, 3>& mask, bool has_bia
   return HeadGradMask{mask[0], mask[1], mask[2] && has_bias};
 }
 
+// (grad_hidden, grad_weight, grad_bias) as op outputs: each gradient, or (undefined: not computed) a
+// distinct empty tensor, as outputs must not alias each other.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> grads_or_empty(const at::Tensor& gh, const at::Tensor& gw,
+                                                                      const at::Tensor& gb,
+                                                                      const at::TensorOptions& opts) {
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  return {or_empty(gh), or_empty(gw), or_empty(gb)};
+}
+
 enum class Reduction { kNone, kMean, kSum };
 
 inline Reduction parse_reduction(c10::string_view reduction) {
